@@ -1,0 +1,177 @@
+"""Tiny random-weight SD1/SD2/SDXL checkpoints in the original LDM single-file layout.
+
+The demo and the tests train on these: they go through exactly the loading path of a real
+checkpoint (family detection, config derivation, diffusers' LDM converters), only smaller.
+Widths follow the real families' rules (64 channels per attention head, SD1's 8 UNet heads).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from lora_trainer.backbones.ldm import text_model_keys
+
+VOCAB = 49408
+TEXT_WIDTH = 64
+
+
+def _unet(family: str) -> UNet2DConditionModel:
+    """A two-level UNet of the family's shape."""
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32)
+    if family == "sd1":
+        return UNet2DConditionModel(**common, block_out_channels=(32, 64), attention_head_dim=8,
+                                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                    cross_attention_dim=TEXT_WIDTH)
+    if family == "sd2":
+        return UNet2DConditionModel(**common, block_out_channels=(64, 128), attention_head_dim=(1, 2),
+                                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                    cross_attention_dim=TEXT_WIDTH, use_linear_projection=True)
+    return UNet2DConditionModel(**common, block_out_channels=(64, 128), attention_head_dim=(1, 2),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2), cross_attention_dim=2 * TEXT_WIDTH,
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8)
+
+
+def _text_config(act: str, layers: int) -> CLIPTextConfig:
+    """A narrow CLIP text encoder with the real vocabulary and context length."""
+    return CLIPTextConfig(vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                          num_hidden_layers=layers, num_attention_heads=1, max_position_embeddings=77,
+                          hidden_act=act, projection_dim=TEXT_WIDTH)
+
+
+def _clip(layers: int) -> dict[str, torch.Tensor]:
+    """An OpenAI-CLIP-style text encoder's weights, named as in checkpoints."""
+    return text_model_keys(CLIPTextModel(_text_config("quick_gelu", layers)).state_dict())
+
+
+def unet_to_ldm(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet state dict to the LDM layout (the inverse of diffusers' converter)."""
+    step = layers_per_block + 1
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+              ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, value in sd.items():
+        name, _, leaf = key.rpartition(".")
+        if name in fixed:
+            out[f"{fixed[name]}.{leaf}"] = value
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{1 + block * step + layers_per_block}.0.op"
+            else:
+                index = 1 + block * step + int(parts[3])
+                new = f"input_blocks.{index}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "up_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                new = f"output_blocks.{block * step + layers_per_block}.{2 if block in up_has_attn else 1}.conv"
+            else:
+                index = block * step + int(parts[3])
+                new = f"output_blocks.{index}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "mid_block":
+            kind, index = parts[1], int(parts[2])
+            slot = 1 if kind == "attentions" else (0 if index == 0 else 2)
+            new = f"middle_block.{slot}." + ".".join(parts[3:])
+        else:
+            raise KeyError(key)
+        if ".0.op" not in new and not new.endswith(".conv") and kind == "resnets":
+            for old, ldm in resnet:
+                new = re.sub(rf"\.{old}$", f".{ldm}", new)
+        out[f"{new.rstrip('.')}.{leaf}"] = value
+    return out
+
+
+def vae_to_ldm(sd: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers AutoencoderKL state dict to the LDM layout."""
+    out = {}
+    for key, value in sd.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", new)
+        if "mid_block.attentions.0." in new:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for old, ldm in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                new = new.replace(f".{old}.", f".{ldm}.")
+            if value.ndim == 2:
+                value = value[:, :, None, None].contiguous()  # LDM's attention uses 1x1 convolutions
+        out[new] = value
+    return out
+
+
+def clip_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers CLIP text model state dict to OpenCLIP's layout (fused q/k/v)."""
+    sd = text_model_keys(sd)
+    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat([sd[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for old, new in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[f"{dst}{new}.{leaf}"] = sd[f"{src}{old}.{leaf}"]
+    return out
+
+
+def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with every key under `prefix`."""
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A whole tiny checkpoint of `family` ('sd1', 'sd2', 'sdxl') in LDM single-file naming."""
+    torch.manual_seed(seed)
+    unet = _unet(family)
+    # LDM zero-initialises its output layers; random small values make every test meaningful.
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.ndim > 1 and not param.any():
+                param.normal_(0, 0.02)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
+    ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), 4)))
+    if family == "sd1":
+        ckpt.update(_prefixed("cond_stage_model.transformer.", _clip(2)))
+    elif family == "sd2":
+        ckpt.update(_prefixed("cond_stage_model.model.", clip_to_open_clip(
+            CLIPTextModelWithProjection(_text_config("gelu", 3)).state_dict())))
+    else:
+        ckpt.update(_prefixed("conditioner.embedders.0.transformer.", _clip(2)))
+        ckpt.update(_prefixed("conditioner.embedders.1.model.", clip_to_open_clip(
+            CLIPTextModelWithProjection(_text_config("gelu", 2)).state_dict())))
+    return {k: v.contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
+
+
+def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny random-weight checkpoint of `family` to `path` (a .safetensors file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_state_dict(family, seed), str(path), metadata={"format": "pt"})
+    return path

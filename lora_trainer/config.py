@@ -1,0 +1,292 @@
+"""The one training config: every key's type, bounds, default and help text, declared once.
+
+YAML files, `--set key=value` overrides, the README's key table and (later) the WebUI form and the
+ComfyUI node inputs are all generated from `TrainConfig`'s fields. A plain dataclass rather than a
+pydantic model: the WebUI ships pydantic 1 and Forge pydantic 2, and this must import under both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_trainer.errors import ConfigError
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _field(default: Any, help: str, *, group: str, choices: tuple | None = None,
+           min: float | None = None, max: float | None = None, preset: bool = False) -> Any:
+    """A dataclass field whose metadata carries its help, bounds and choices."""
+    meta = {"help": help, "group": group, "choices": choices, "min": min, "max": max, "preset": preset}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. `None` means "from the model family's preset"."""
+
+    # model
+    base_model: str = _field("", "Base checkpoint: an SD1.x/SD2.x/SDXL single-file .safetensors, or a diffusers folder.", group="model")
+    family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
+    prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"))
+    allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
+    clip_skip: int = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True)
+
+    # data
+    train_data_dir: str = _field("", "Folder of training images with captions (.txt sidecars, metadata.csv/jsonl, kohya N_name repeat folders).", group="data")
+    resolution: int = _field(None, "Training resolution in pixels (the side of a square of the same area).", group="data", min=64, max=4096, preset=True)
+    enable_buckets: bool = _field(True, "Keep aspect ratios: group images into buckets of similar shape instead of square crops.", group="data")
+    min_bucket_reso: int = _field(None, "Smallest bucket side in pixels.", group="data", min=32, max=4096, preset=True)
+    max_bucket_reso: int = _field(None, "Largest bucket side in pixels.", group="data", min=64, max=8192, preset=True)
+    repeats: int = _field(1, "How often each image is seen per epoch (kohya N_name folders set their own).", group="data", min=1, max=1000)
+    caption_extension: str = _field(".txt", "Extension of caption sidecar files.", group="data")
+    missing_caption: str = _field("trigger", "What an image without a caption gets: the trigger word, an empty caption, or an error.", group="data", choices=("trigger", "empty", "error"))
+    trigger_word: str = _field("", "Word put at the start of every caption (unless already there); use it in prompts to call up the LoRA.", group="data")
+    shuffle_captions: bool = _field(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
+    keep_tokens: int = _field(1, "With shuffling, keep this many leading tags in place (e.g. the trigger word).", group="data", min=0, max=255)
+    caption_dropout: float = _field(0.0, "Probability of training on an empty caption (helps unconditional quality).", group="data", min=0.0, max=1.0)
+    flip_aug: bool = _field(False, "Also train on mirrored images (not for subjects whose sides differ, e.g. text or asymmetric faces).", group="data")
+    cache_latents_to_disk: bool = _field(False, "Keep the encoded images in output_dir/cache so the next run starts at once.", group="data")
+
+    # lora
+    lora_rank: int = _field(None, "LoRA rank (dim): capacity of the LoRA. 4-16 suits styles and characters on small GPUs.", group="lora", min=1, max=1024, preset=True)
+    lora_alpha: float = _field(None, "LoRA alpha: the LoRA's output is scaled by alpha/rank. Fixed, never trained.", group="lora", min=0.0, max=4096.0, preset=True)
+    lora_dropout: float = _field(0.0, "Dropout inside the LoRA layers during training.", group="lora", min=0.0, max=0.9)
+    lora_targets: str = _field("attention_ff", "Which UNet layers get a LoRA: attention only; attention + feed-forward + projections (kohya's default); or those plus the ResNet convolutions (LoCon).", group="lora", choices=("attention", "attention_ff", "locon"))
+    train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).", group="lora")
+    text_encoder_lr: float = _field(None, "Learning rate of the text-encoder LoRA (default: half the UNet's).", group="lora", min=0.0, max=1.0)
+    init_lora: str = _field("", "Continue from this LoRA file (kohya format, ours or another tool's) instead of starting from zero.", group="lora")
+
+    # training
+    epochs: int = _field(None, "Passes over the dataset.", group="training", min=1, max=100000, preset=True)
+    max_steps: int = _field(0, "Stop after this many optimizer steps (0 = run all epochs).", group="training", min=0, max=10_000_000)
+    batch_size: int = _field(None, "Images per step. 1-4 on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True)
+    gradient_accumulation_steps: int = _field(1, "Add up gradients over this many batches before each optimizer step.", group="training", min=1, max=1024)
+    learning_rate: float = _field(None, "UNet LoRA learning rate (1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
+    optimizer: str = _field(None, "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.", group="training", choices=("adamw", "adamw8bit", "prodigy", "lion"), preset=True)
+    weight_decay: float = _field(0.01, "Weight decay.", group="training", min=0.0, max=1.0)
+    lr_scheduler: str = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True)
+    lr_warmup_steps: int = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True)
+    max_grad_norm: float = _field(1.0, "Clip gradients to this norm (0 = off).", group="training", min=0.0, max=1000.0)
+    min_snr_gamma: float = _field(None, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, preset=True)
+    noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
+    mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
+    device: str = _field("auto", "Where to train: auto, cpu, cuda, cuda:N or mps.", group="training")
+    seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1)
+
+    # output
+    output_name: str = _field("", "Name of the LoRA file and of <lora:NAME:weight> (default: the data folder's name + '_lora').", group="output")
+    output_dir: str = _field("", "Folder for the LoRA, checkpoints, samples and logs (default: output/<output_name>).", group="output")
+    save_dtype: str = _field("fp16", "Precision of the saved LoRA weights.", group="output", choices=("fp16", "bf16", "fp32"))
+    save_every_n_steps: int = _field(0, "Also save a resumable checkpoint every N steps (0 = off).", group="output", min=0, max=10_000_000)
+    save_every_n_epochs: int = _field(1, "Save a resumable checkpoint every N epochs (0 = only at the end).", group="output", min=0, max=100000)
+    keep_last_n_checkpoints: int = _field(3, "How many periodic checkpoints to keep (older ones are deleted).", group="output", min=1, max=1000)
+    sample_prompts: list = _field([], "Prompts rendered as preview images while training (PNG files and TensorBoard).", group="output")
+    sample_every_n_steps: int = _field(0, "Render the sample prompts every N steps (0 = only at the end if prompts are given).", group="output", min=0, max=10_000_000)
+    sample_steps: int = _field(20, "Denoising steps per sample image.", group="output", min=1, max=200)
+    sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0)
+    log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000)
+
+
+# The lora-scripts article's and kohya's names for the same keys.
+ALIASES = {
+    "pretrained_model_name_or_path": "base_model",
+    "model": "base_model",
+    "data_dir": "train_data_dir",
+    "network_dim": "lora_rank",
+    "rank": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "alpha": "lora_alpha",
+    "network_dropout": "lora_dropout",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "max_train_steps": "max_steps",
+    "lr": "learning_rate",
+    "unet_lr": "learning_rate",
+    "optimizer_type": "optimizer",
+    "lr_warmup": "lr_warmup_steps",
+    "shuffle_caption": "shuffle_captions",
+    "save_model_as": None,
+    "save_precision": "save_dtype",
+    "v_parameterization": None,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd1": dict(resolution=512, min_bucket_reso=256, max_bucket_reso=1024, lora_rank=16, lora_alpha=8.0,
+                learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
+                min_snr_gamma=5.0, epochs=10, batch_size=2, clip_skip=1),
+    "sd2": dict(resolution=768, min_bucket_reso=384, max_bucket_reso=1536, lora_rank=16, lora_alpha=8.0,
+                learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
+                min_snr_gamma=5.0, epochs=10, batch_size=2, clip_skip=1),
+    "sdxl": dict(resolution=1024, min_bucket_reso=512, max_bucket_reso=2048, lora_rank=16, lora_alpha=8.0,
+                 learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
+                 min_snr_gamma=5.0, epochs=10, batch_size=1, clip_skip=1),
+}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The config's fields in declaration order (the source for every form and flag)."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, checking choices and bounds."""
+    f = _FIELDS[name]
+    meta = f.metadata
+    kind = _TYPES[f.type]
+    if value is None:
+        if meta["preset"] or name == "text_encoder_lr":
+            return None
+        raise ConfigError(f"'{name}' needs a value. {meta['help']}")
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                    raise ValueError(value)
+                value = lowered in ("true", "yes", "1", "on")
+            elif not isinstance(value, bool):
+                raise ValueError(value)
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            value = int(float(value)) if isinstance(value, str) and re.fullmatch(r"\d+(\.0*)?|\d+e\d+", value.strip()) else int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(value)
+        elif kind is list:
+            if isinstance(value, str):
+                value = [line for line in value.splitlines() if line.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(value)
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"'{name}' must be {_describe_type(f)}, got {value!r}. {meta['help']}") from None
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"'{name}' must be one of {', '.join(meta['choices'])}; got {value!r}.")
+    low, high = meta["min"], meta["max"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"'{name}' must be between {low:g} and {high:g}; got {value!r}. {meta['help']}")
+    return value
+
+
+def _describe_type(f: dataclasses.Field) -> str:
+    """'an integer', 'a number', ... for error messages."""
+    return {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
+            "list": "a list of text lines"}[f.type]
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a mapping, accepting aliases and refusing unknown keys by name."""
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key)
+        if key in ALIASES and name is None:
+            continue  # kohya keys with no meaning here (e.g. save_model_as) are accepted and ignored
+        if name not in _FIELDS:
+            close = [n for n in _FIELDS if n.startswith(key[:4])][:3]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"Unknown config key '{key}'.{hint} 'train --help-config' lists every key.")
+        clean[name] = _coerce(name, value)
+    return TrainConfig(**clean)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config file (optional) and apply `key=value` overrides on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path.resolve()}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must be a mapping of key: value lines.")
+        values.update(loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}.")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return make_config(values)
+
+
+def resolve(config: TrainConfig, family: str) -> TrainConfig:
+    """Fill the preset values of `family` into every key left at None, and derive names and folders."""
+    if family not in PRESETS:
+        raise ConfigError(f"Unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
+    values = dataclasses.asdict(config)
+    for key, value in PRESETS[family].items():
+        if values[key] is None:
+            values[key] = value
+    values["family"] = family
+    if values["prediction_type"] == "auto":
+        values["prediction_type"] = "v_prediction" if family == "sd2" else "epsilon"
+    if values["text_encoder_lr"] is None:
+        values["text_encoder_lr"] = values["learning_rate"] / 2
+    if not values["output_name"]:
+        stem = Path(values["train_data_dir"]).name or "my"
+        values["output_name"] = f"{stem}_lora"
+    values["output_name"] = safe_name(values["output_name"])
+    if not values["output_dir"]:
+        values["output_dir"] = str(Path("output") / values["output_name"])
+    if values["min_bucket_reso"] > values["resolution"]:
+        values["min_bucket_reso"] = values["resolution"]
+    if values["max_bucket_reso"] < values["resolution"]:
+        values["max_bucket_reso"] = values["resolution"]
+    return TrainConfig(**values)
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot leave its folder: no separators, no dots in front, no reserved characters."""
+    cleaned = re.sub(r"[^\w\-. ]+", "_", Path(str(name).replace("\\", "/")).name).strip(" .")
+    cleaned = re.sub(r"\.(safetensors|ckpt|pt)$", "", cleaned, flags=re.IGNORECASE)
+    if not cleaned:
+        raise ConfigError(f"{name!r} is not a usable file name: use letters, digits, '-', '_' or '.'.")
+    return cleaned[:120]
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The config as YAML, in field order, for --print-config and for saving beside the LoRA."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def markdown_table() -> str:
+    """Every key as a Markdown table (the README's reference section is generated from this)."""
+    rows = ["| key | default | allowed | what it does |", "| --- | --- | --- | --- |"]
+    for f in config_fields():
+        meta = f.metadata
+        default = "preset" if meta["preset"] else repr(f.default if f.default is not dataclasses.MISSING else [])
+        if meta["choices"]:
+            allowed = ", ".join(meta["choices"])
+        elif meta["min"] is not None:
+            allowed = f"{meta['min']:g} to {meta['max']:g}"
+        else:
+            allowed = _describe_type(f)
+        rows.append(f"| `{f.name}` | {default} | {allowed} | {meta['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,310 @@
+"""Finding training images and their captions, and loading each image as 8-bit RGB."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora_trainer.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MAX_IMAGE_PIXELS = 200_000_000
+MISSING_CAPTION_MODES = ("empty", "trigger", "error")
+
+_REPEAT_FOLDER = re.compile(r"^([1-9][0-9]*)_.+")
+_METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_MODE_NAMES = {
+    "CMYK": "CMYK converted to RGB",
+    "P": "palette converted to RGB",
+    "L": "grayscale converted to RGB",
+    "1": "1-bit black and white converted to RGB",
+}
+_LISTED = 10
+
+
+@dataclass
+class ImageItem:
+    """One usable training image: its caption, repeat count and size after EXIF rotation."""
+
+    path: Path
+    caption: str
+    repeats: int
+    width: int
+    height: int
+
+
+@dataclass
+class DatasetScan:
+    """What a scan of a training folder found: usable images and every file it set aside or changed."""
+
+    items: list[ImageItem] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    converted: list[tuple[Path, str]] = field(default_factory=list)
+    uncaptioned: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few readable lines: counts, then the first skipped files with their reasons."""
+        steps = sum(item.repeats for item in self.items)
+        lines = [
+            f"{len(self.items)} usable images ({steps} per epoch with repeats), "
+            f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
+            f"{len(self.uncaptioned)} without caption"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:_LISTED]]
+        if len(self.skipped) > _LISTED:
+            lines.append(f"  ... and {len(self.skipped) - _LISTED} more skipped")
+        return "\n".join(lines)
+
+
+class _Unusable(Exception):
+    """An image file that cannot be trained on; the message is the reason, in the user's words."""
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert a decoded image to 8-bit RGB and say what was changed (None when it was RGB already)."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image, None
+    if mode in _HIGH_BIT_MODES:
+        depth = "16-bit" if mode.startswith("I;16") else "32-bit"
+        return _scale_to_8bit(image).convert("RGB"), f"{depth} scaled to 8-bit"
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        what = "palette with transparency" if mode in ("P", "PA") else "alpha"
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"), f"{what} composited on white"
+    return image.convert("RGB"), _MODE_NAMES.get(mode, f"{mode} converted to RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image file as upright 8-bit RGB, or raise DatasetError saying why it cannot be used."""
+    try:
+        return _read_image(Path(path))[0]
+    except _Unusable as err:
+        raise DatasetError(f"Cannot use image {path}: {err}. Replace the file or remove it from the folder.") from None
+
+
+def scan_dataset(
+    folder: str | Path,
+    *,
+    caption_extension: str = ".txt",
+    missing_caption: str = "empty",
+    trigger_word: str = "",
+    default_repeats: int = 1,
+    min_size: int = 64,
+) -> DatasetScan:
+    """Find, validate and caption every image in a training folder (flat or kohya `N_name` layout)."""
+    if missing_caption not in MISSING_CAPTION_MODES:
+        raise ConfigError(f"missing_caption is {missing_caption!r}; use one of {', '.join(MISSING_CAPTION_MODES)}.")
+    if missing_caption == "trigger" and not trigger_word.strip():
+        raise ConfigError("missing_caption is 'trigger' but trigger_word is empty; set a trigger_word.")
+    if default_repeats < 1:
+        raise ConfigError(f"default_repeats is {default_repeats}; use 1 or more.")
+    if not caption_extension.startswith("."):
+        caption_extension = "." + caption_extension
+    root = Path(folder).expanduser().absolute()
+    if not root.exists():
+        raise DatasetError(f"Training folder {root} does not exist. Check the path and try again.")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder. Point the trainer at the folder that holds the images.")
+
+    candidates = sorted(_find_images(root, default_repeats))
+    if not candidates:
+        raise DatasetError(
+            f"No images found in {root}. Looked for {', '.join(sorted(IMAGE_EXTENSIONS))} files in the folder "
+            "and its sub-folders (kohya repeat folders such as 10_name/ are supported). "
+            "Put the training images there or choose another folder."
+        )
+    metadata = _read_metadata({path.parent for path, _ in candidates})
+    scan = DatasetScan()
+    # Decoders release the GIL, so threads check a large folder several times faster.
+    with ThreadPoolExecutor() as pool:
+        checks = list(pool.map(_check_image, (path for path, _ in candidates)))
+    for (path, repeats), ((width, height), note, problem) in zip(candidates, checks):
+        if problem is None and min(width, height) < min_size:
+            problem = f"too small: {width}x{height}, shorter side under {min_size} px"
+        if problem is not None:
+            scan.skipped.append((path, problem))
+            continue
+        if note:
+            scan.converted.append((path, note))
+        caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
+        if not caption:
+            scan.uncaptioned.append(path)
+            caption = trigger_word.strip() if missing_caption == "trigger" else ""
+        scan.items.append(ImageItem(path, _with_trigger(caption, trigger_word), repeats, width, height))
+
+    if not scan.items:
+        raise DatasetError(f"None of the {len(candidates)} images in {root} can be used.\n{scan.summary()}\n"
+                           "Fix or replace these files, then scan again.")
+    if scan.uncaptioned and missing_caption == "error":
+        listed = ", ".join(str(path) for path in scan.uncaptioned[:_LISTED])
+        more = f" and {len(scan.uncaptioned) - _LISTED} more" if len(scan.uncaptioned) > _LISTED else ""
+        raise DatasetError(
+            f"{len(scan.uncaptioned)} images in {root} have no caption: {listed}{more}. Add a {caption_extension} "
+            "file with the same name next to each image or a metadata.csv entry, or set missing_caption "
+            "to 'empty' or 'trigger'."
+        )
+    for path, reason in scan.skipped:
+        logger.warning("Skipped %s: %s", path, reason)
+    logger.info("Scanned %s: %s", root, scan.summary().splitlines()[0])
+    return scan
+
+
+def _read_image(path: Path) -> tuple[Image.Image, str | None]:
+    """Decode a whole image file, upright and as RGB, with the conversion note; raise _Unusable if it cannot be."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as err:
+        raise _Unusable(f"cannot be read ({err})") from None
+    if empty:
+        raise _Unusable("empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise _Unusable("not an image, or damaged beyond recognition") from None
+    except Image.DecompressionBombError as err:
+        raise _Unusable(f"too large: {err}") from None
+    except OSError as err:
+        raise _Unusable(f"cannot be opened ({err})") from None
+    with image:
+        width, height = image.size
+        # Hosts often switch off Pillow's own decompression-bomb check; ours still holds.
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _Unusable(
+                f"too large: {width}x{height} is over the {MAX_IMAGE_PIXELS // 1_000_000} megapixel limit"
+            )
+        try:
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+        except Exception as err:  # each format's decoder raises its own types on damaged data
+            raise _Unusable(f"truncated, corrupt or unsupported ({err})") from None
+
+
+def _check_image(path: Path) -> tuple[tuple[int, int], str | None, str | None]:
+    """One image's upright size, its conversion note, and the reason it is unusable (None if usable)."""
+    try:
+        image, note = _read_image(path)
+    except _Unusable as err:
+        return (0, 0), None, str(err)
+    return image.size, note, None
+
+
+def _scale_to_8bit(image: Image.Image) -> Image.Image:
+    """Map a 16-bit, 32-bit or float image onto 0-255 over its full range rather than clipping it."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    low, high = 0.0, 65535.0
+    if not image.mode.startswith("I;16"):
+        # "I" and "F" carry no nominal range: take the smallest usual one that holds the data.
+        data_low, data_high = float(values.min()), float(values.max())
+        if data_low < 0 or data_high > 65535:
+            low, high = data_low, max(data_high, data_low + 1)
+        elif image.mode == "F" and data_high <= 1:
+            high = 1.0
+        elif data_high <= 255:
+            high = 255.0
+    scaled = np.rint((values - low) * (255.0 / (high - low)))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
+
+
+def _find_images(root: Path, default_repeats: int) -> Iterator[tuple[Path, int]]:
+    """Every image file under root with its repeat count from the nearest `N_name` folder."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        folder = Path(dirpath)
+        repeats = default_repeats
+        for part in folder.relative_to(root).parts:
+            match = _REPEAT_FOLDER.match(part)
+            if match:
+                repeats = int(match.group(1))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield folder / name, repeats
+
+
+def _key(path: Path) -> str:
+    """A normalised path string, so metadata entries and found files compare equal."""
+    return os.path.normcase(os.path.normpath(path))
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents as UTF-8 (a BOM is tolerated), or DatasetError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"Cannot read {path} ({err}). Save it as UTF-8 text or remove it.") from None
+
+
+def _sidecar_caption(image_path: Path, caption_extension: str) -> str:
+    """The first non-empty caption among `<stem><caption_extension>`, `<stem>.caption` and `<stem>.txt`."""
+    for extension in dict.fromkeys((caption_extension, ".caption", ".txt")):
+        sidecar = image_path.parent / (image_path.stem + extension)
+        if sidecar.is_file():
+            caption = _read_text(sidecar).strip()
+            if caption:
+                return caption
+    return ""
+
+
+def _read_metadata(folders: set[Path]) -> dict[str, str]:
+    """Non-empty captions from `metadata.csv` / `metadata.jsonl` in the given folders, keyed by image path."""
+    captions: dict[str, str] = {}
+    for folder in sorted(folders):
+        for name in _METADATA_FILES:
+            metadata = folder / name
+            if not metadata.is_file():
+                continue
+            rows = _csv_rows(metadata) if name.endswith(".csv") else _jsonl_rows(metadata)
+            for file_name, text in rows:
+                if text.strip():
+                    captions.setdefault(_key(folder / file_name), text.strip())
+    return captions
+
+
+def _csv_rows(path: Path) -> list[tuple[str, str]]:
+    """(file_name, text) rows of a metadata.csv."""
+    reader = csv.DictReader(_read_text(path).splitlines())
+    if not {"file_name", "text"} <= set(reader.fieldnames or ()):
+        raise DatasetError(f"{path} needs a header row with file_name and text columns; add it or remove the file.")
+    return [(row["file_name"] or "", row["text"] or "") for row in reader if row["file_name"]]
+
+
+def _jsonl_rows(path: Path) -> list[tuple[str, str]]:
+    """(file_name, text) rows of a metadata.jsonl."""
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} line {number} is not valid JSON ({err}); fix or remove that line.") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise DatasetError(f"{path} line {number} needs an object with file_name and text; fix or remove it.")
+        text = entry.get("text")
+        rows.append((entry["file_name"], text if isinstance(text, str) else ""))
+    return rows
+
+
+def _with_trigger(caption: str, trigger_word: str) -> str:
+    """The caption with the trigger word in front, unless it is already one of its comma-separated tags."""
+    trigger = trigger_word.strip()
+    if not trigger:
+        return caption
+    tags = [tag.strip().casefold() for tag in caption.split(",")]
+    if trigger.casefold() in tags:
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
