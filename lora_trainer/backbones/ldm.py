@@ -201,3 +201,46 @@ def open_clip_from_ldm(checkpoint: dict[str, torch.Tensor], family: str) -> CLIP
     model = cls(config)
     _load_text_model(model, sd)
     return model
+
+
+def unet_to_ldm(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet state dict to the LDM layout (the inverse of diffusers' converter)."""
+    step = layers_per_block + 1
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+              ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, value in sd.items():
+        name, _, leaf = key.rpartition(".")
+        if name in fixed:
+            out[f"{fixed[name]}.{leaf}"] = value
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{1 + block * step + layers_per_block}.0.op"
+            else:
+                index = 1 + block * step + int(parts[3])
+                new = f"input_blocks.{index}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "up_blocks":
+            block, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                new = f"output_blocks.{block * step + layers_per_block}.{2 if block in up_has_attn else 1}.conv"
+            else:
+                index = block * step + int(parts[3])
+                new = f"output_blocks.{index}.{0 if kind == 'resnets' else 1}." + ".".join(parts[4:])
+        elif parts[0] == "mid_block":
+            kind, index = parts[1], int(parts[2])
+            slot = 1 if kind == "attentions" else (0 if index == 0 else 2)
+            new = f"middle_block.{slot}." + ".".join(parts[3:])
+        else:
+            raise KeyError(key)
+        if ".0.op" not in new and not new.endswith(".conv") and kind == "resnets":
+            for old, ldm in resnet:
+                new = re.sub(rf"\.{old}$", f".{ldm}", new)
+        out[f"{new.rstrip('.')}.{leaf}"] = value
+    return out

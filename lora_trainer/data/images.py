@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ _MODE_NAMES = {
     "1": "1-bit black and white converted to RGB",
 }
 _LISTED = 10
+# What Pillow's decoders raise on damaged data (Pillow itself treats the same types as "not this format").
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
+)
 
 
 @dataclass
@@ -60,9 +65,11 @@ class DatasetScan:
         """A few readable lines: counts, then the first skipped files with their reasons."""
         steps = sum(item.repeats for item in self.items)
         lines = [
-            f"{len(self.items)} usable images ({steps} per epoch with repeats), "
-            f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
-            f"{len(self.uncaptioned)} without caption"
+            (
+                f"{len(self.items)} usable images ({steps} per epoch with repeats), "
+                f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
+                f"{len(self.uncaptioned)} without caption"
+            )
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped[:_LISTED]]
         if len(self.skipped) > _LISTED:
@@ -109,8 +116,6 @@ def scan_dataset(
     """Find, validate and caption every image in a training folder (flat or kohya `N_name` layout)."""
     if missing_caption not in MISSING_CAPTION_MODES:
         raise ConfigError(f"missing_caption is {missing_caption!r}; use one of {', '.join(MISSING_CAPTION_MODES)}.")
-    if missing_caption == "trigger" and not trigger_word.strip():
-        raise ConfigError("missing_caption is 'trigger' but trigger_word is empty; set a trigger_word.")
     if default_repeats < 1:
         raise ConfigError(f"default_repeats is {default_repeats}; use 1 or more.")
     if not caption_extension.startswith("."):
@@ -128,7 +133,8 @@ def scan_dataset(
             "and its sub-folders (kohya repeat folders such as 10_name/ are supported). "
             "Put the training images there or choose another folder."
         )
-    metadata = _read_metadata({path.parent for path, _ in candidates})
+    metadata = _read_metadata(root)
+    fallback = _with_trigger(trigger_word.strip() if missing_caption == "trigger" else "", trigger_word)
     scan = DatasetScan()
     # Decoders release the GIL, so threads check a large folder several times faster.
     with ThreadPoolExecutor() as pool:
@@ -144,7 +150,7 @@ def scan_dataset(
         caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
         if not caption:
             scan.uncaptioned.append(path)
-            caption = trigger_word.strip() if missing_caption == "trigger" else ""
+            caption = fallback
         scan.items.append(ImageItem(path, _with_trigger(caption, trigger_word), repeats, width, height))
 
     if not scan.items:
@@ -160,6 +166,8 @@ def scan_dataset(
         )
     for path, reason in scan.skipped:
         logger.warning("Skipped %s: %s", path, reason)
+    if scan.uncaptioned:
+        logger.warning("%d images have no caption and train on %r", len(scan.uncaptioned), fallback)
     logger.info("Scanned %s: %s", root, scan.summary().splitlines()[0])
     return scan
 
@@ -185,12 +193,12 @@ def _read_image(path: Path) -> tuple[Image.Image, str | None]:
         # Hosts often switch off Pillow's own decompression-bomb check; ours still holds.
         if width * height > MAX_IMAGE_PIXELS:
             raise _Unusable(
-                f"too large: {width}x{height} is over the {MAX_IMAGE_PIXELS // 1_000_000} megapixel limit"
+                f"too large: {width}x{height} is over the {MAX_IMAGE_PIXELS / 1e6:g} megapixel limit"
             )
         try:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
-        except Exception as err:  # each format's decoder raises its own types on damaged data
+        except _DECODE_ERRORS as err:
             raise _Unusable(f"truncated, corrupt or unsupported ({err})") from None
 
 
@@ -259,18 +267,16 @@ def _sidecar_caption(image_path: Path, caption_extension: str) -> str:
     return ""
 
 
-def _read_metadata(folders: set[Path]) -> dict[str, str]:
-    """Non-empty captions from `metadata.csv` / `metadata.jsonl` in the given folders, keyed by image path."""
+def _read_metadata(root: Path) -> dict[str, str]:
+    """Non-empty captions from every `metadata.csv` / `metadata.jsonl` under root, keyed by image path."""
     captions: dict[str, str] = {}
-    for folder in sorted(folders):
-        for name in _METADATA_FILES:
-            metadata = folder / name
-            if not metadata.is_file():
-                continue
-            rows = _csv_rows(metadata) if name.endswith(".csv") else _jsonl_rows(metadata)
-            for file_name, text in rows:
-                if text.strip():
-                    captions.setdefault(_key(folder / file_name), text.strip())
+    for metadata in sorted(root.rglob("metadata.*")):
+        if metadata.name not in _METADATA_FILES or not metadata.is_file():
+            continue
+        rows = _csv_rows(metadata) if metadata.suffix == ".csv" else _jsonl_rows(metadata)
+        for file_name, text in rows:
+            if text.strip():
+                captions.setdefault(_key(metadata.parent / file_name), text.strip())
     return captions
 
 

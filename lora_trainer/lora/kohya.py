@@ -1,0 +1,118 @@
+"""LoRA files in kohya's format: peft weights out to `lora_unet_*`/`lora_te*` keys, and back in.
+
+Every host reads these keys (the WebUI's and Forge's Lora, ComfyUI's LoraLoader, diffusers'
+`load_lora_weights`, kohya's networks). Files are written atomically: a temp file in the same folder,
+then `os.replace`, so a crash or a full disk never leaves a half-written LoRA under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_kohya
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lora_trainer.errors import CheckpointError, TrainingError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# kohya's prefix of each text encoder, by family
+TEXT_PREFIXES = {"sd1": ["lora_te"], "sd2": ["lora_te"], "sdxl": ["lora_te1", "lora_te2"]}
+
+
+def kohya_module_name(prefix: str, module: str) -> str:
+    """kohya's name of a module: the prefix and the module path with dots as underscores."""
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def to_kohya(unet_lora: dict[str, torch.Tensor], text_loras: list[dict[str, torch.Tensor]], family: str,
+             alpha: float, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """Peft LoRA state dicts (unet, text encoders) as one kohya state dict with our alpha."""
+    peft = {f"unet.{k}": v for k, v in unet_lora.items()}
+    for index, lora in enumerate(text_loras):
+        name = "text_encoder" if index == 0 else "text_encoder_2"
+        peft.update({f"{name}.{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in lora.items()})
+    kohya = convert_state_dict_to_kohya(peft)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in kohya.items():
+        if family != "sdxl" and key.startswith("lora_te1_"):
+            key = "lora_te_" + key[len("lora_te1_"):]  # SD1/SD2 have one text encoder: kohya calls it lora_te
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(alpha))  # diffusers writes alpha = rank; ours is the configured one
+        else:
+            value = value.detach().to("cpu", DTYPES[dtype]).contiguous()
+        out[key] = value
+    return out
+
+
+def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write a LoRA atomically; on any failure the previous file of that name is left untouched."""
+    path = Path(path)
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TrainingError(f"Refusing to save {path.name}: '{key}' holds NaN or infinite values.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise TrainingError(f"Cannot write into {path.parent}: {exc.strerror}. Choose a writable output folder.") from None
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise TrainingError(f"Saving {path.name} failed ({reason}); the previous file, if any, is intact.") from None
+    return path
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a kohya-format LoRA file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"LoRA file not found: {path.resolve()}")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path.name}: LoRAs are read from .safetensors files only.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"Cannot read LoRA {path}: {exc}. The file is probably truncated.") from None
+
+
+def lora_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a kohya state dict by module: {name: {'down', 'up', 'alpha'}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, leaf = key.partition(".")
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(leaf)
+        if part is None:
+            raise CheckpointError(f"'{key}' is not a LoRA key this trainer knows (LoHa/LoKr are not supported).")
+        modules.setdefault(name, {})[part] = value
+    return modules
+
+
+def describe(path: str | Path) -> str:
+    """A readable summary of a LoRA file: family, rank/alpha, module counts and metadata."""
+    tensors, metadata = read_lora_file(path)
+    modules = lora_modules(tensors)
+    ranks = sorted({int(m["down"].shape[0]) for m in modules.values() if "down" in m})
+    alphas = sorted({float(m["alpha"]) for m in modules.values() if "alpha" in m})
+    groups: dict[str, int] = {}
+    for name in modules:
+        groups[name.split("_")[1]] = groups.get(name.split("_")[1], 0) + 1
+    family = metadata.get("ss_base_model_version") or ("sdxl" if any(n.startswith("lora_te2") for n in modules) else "sd1/sd2")
+    dtype = next(iter(tensors.values())).dtype if tensors else None
+    lines = [f"file: {Path(path).name}", f"family: {family}", f"modules: {len(modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(groups.items()))})",
+             f"rank: {', '.join(map(str, ranks))}", f"alpha: {', '.join(f'{a:g}' for a in alphas)}", f"dtype: {dtype}"]
+    for key in sorted(metadata):
+        value = metadata[key]
+        if key == "ss_tag_frequency":
+            value = json.dumps(json.loads(value))[:200]
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
