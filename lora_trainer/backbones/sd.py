@@ -175,7 +175,7 @@ class DiffusionBackbone:
         """A diffusers pipeline over these very modules, for preview images."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        scheduler = EulerDiscreteScheduler(**SCHEDULER, prediction_type=self.prediction_type)
+        scheduler = EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
         if self.family == "sdxl":
             return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
                                              text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],

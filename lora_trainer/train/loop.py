@@ -1,0 +1,382 @@
+"""The training loop: data, model, LoRA, optimizer, then steps, saves and samples, in that order.
+
+Every random draw of step m comes from a generator seeded with (seed, m), and the data order of
+epoch e from (seed, e), so a run resumed from a checkpoint continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import compute_snr
+
+from lora_trainer.backbones.sd import DiffusionBackbone, family_of
+from lora_trainer.config import TrainConfig, resolve, to_yaml
+from lora_trainer.data import process_caption, scan_dataset, tag_frequency
+from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
+from lora_trainer.errors import TrainingError
+from lora_trainer.lora.inject import add_lora, fill_lora, lora_state, read_init_lora
+from lora_trainer.train import state as checkpoints
+from lora_trainer.train.events import CancelToken, EventBus, Listener
+from lora_trainer.train.optim import make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    lora_file: Path | None
+    output_dir: Path
+    steps: int
+    total_steps: int
+    interrupted: bool = False
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+
+
+def _rng(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for one named stream of draws (epoch order, one step's noise, ...)."""
+    value = seed
+    for s in stream:
+        value = (value * 1_000_003 + s + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def plan_batches(cache: list[CachedImage], config: TrainConfig, epochs: int) -> list[tuple[int, list[int]]]:
+    """(epoch, image indices) of every batch, bucket by bucket, in a seeded order per epoch."""
+    plan = []
+    for epoch in range(epochs):
+        gen = _rng(config.seed, 1, epoch)
+        pool = [i for i, entry in enumerate(cache) for _ in range(entry.item.repeats * config.repeats)]
+        pool = [pool[j] for j in torch.randperm(len(pool), generator=gen).tolist()]
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index in pool:
+            by_bucket.setdefault(cache[index].bucket, []).append(index)
+        batches = [members[k:k + config.batch_size] for members in by_bucket.values()
+                   for k in range(0, len(members), config.batch_size)]
+        plan += [(epoch, batches[j]) for j in torch.randperm(len(batches), generator=gen).tolist()]
+    return plan
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    """Resolve 'auto' precision for the device at hand."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _accelerator(config: TrainConfig, logging_dir: Path) -> Accelerator:
+    """An Accelerator on the configured device, with the configured precision."""
+    if config.device.startswith("cuda:"):
+        torch.cuda.set_device(int(config.device.split(":")[1]))
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("device: cuda was asked for, but torch sees no CUDA GPU. Use device: auto or cpu.")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("device: mps was asked for, but this torch has no Apple MPS support.")
+    precision = _mixed_precision(config)
+    if precision != "no" and config.device == "cpu":
+        precision = "bf16" if precision == "bf16" else "no"
+    return Accelerator(mixed_precision=precision, cpu=config.device == "cpu", project_dir=str(logging_dir))
+
+
+def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listener, ...] = (),
+               cancel: CancelToken | None = None, backbone: DiffusionBackbone | None = None,
+               resume: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as `config` says and write it as a kohya-format file; see TrainResult."""
+    bus = EventBus(listeners)
+    cancel = cancel or CancelToken()
+    started_at = time.time()
+
+    # 1. config and data
+    family = backbone.family if backbone else family_of(config.base_model, config.allow_pickle)
+    config = resolve(config, family)
+    out_dir = Path(config.output_dir)
+    scan = scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
+                        missing_caption=config.missing_caption, trigger_word=config.trigger_word,
+                        default_repeats=1)
+    for path, reason in scan.skipped:
+        log.warning("Skipped %s: %s", path, reason)
+    bus.emit("start", data_summary=scan.summary(), config=to_yaml(config))
+    accelerator = _accelerator(config, out_dir / "logs")
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # 2. model and cached inputs
+    if backbone is None:
+        backbone = DiffusionBackbone.from_file(config.base_model, family=config.family,
+                                               prediction_type=config.prediction_type,
+                                               allow_pickle=config.allow_pickle, clip_skip=config.clip_skip)
+    _place(backbone.vae, device, torch.float32)
+    buckets = assign_buckets(scan.items, config.resolution, config.enable_buckets,
+                             config.min_bucket_reso, config.max_bucket_reso)
+    cache_file = out_dir / "cache" / "latents.safetensors" if config.cache_latents_to_disk else None
+    cache = encode_dataset(scan.items, buckets, backbone.encode_images, flip=config.flip_aug, cache_file=cache_file,
+                           model_id=f"{config.base_model}|{_model_stamp(config.base_model)}",
+                           on_progress=lambda done, total: bus.emit("progress", done, total, phase="caching"))
+    backbone.vae.to("cpu")
+    for encoder in backbone.text_encoders:
+        encoder.requires_grad_(False)
+        _place(encoder, device, weight_dtype if config.train_text_encoder else torch.float32)
+    backbone.unet.requires_grad_(False)
+    _place(backbone.unet, device, weight_dtype)
+
+    # 3. LoRA layers
+    init = None
+    if config.init_lora:
+        init = read_init_lora(config.init_lora, backbone.unet, backbone.text_encoders, family, config.lora_alpha)
+    unet_targets = sorted(set(backbone.unet_lora_targets(config.lora_targets)) | set(init[0] if init else ()))
+    ranks = {name: parts["down"].shape[0] for name, parts in (init[0] if init else {}).items()}
+    params = add_lora(backbone.unet, unet_targets, config.lora_rank, config.lora_alpha, config.lora_dropout, ranks)
+    groups = [{"params": params, "lr": config.learning_rate}]
+    te_train = config.train_text_encoder or bool(init and any(init[1:]))
+    if te_train:
+        te_params = []
+        for index, encoder in enumerate(backbone.text_encoders):
+            modules = init[index + 1] if init else {}
+            targets = sorted(set(backbone.text_lora_targets(encoder)) | set(modules))
+            te_params += add_lora(encoder, targets, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                  {n: p["down"].shape[0] for n, p in modules.items()})
+        groups.append({"params": te_params, "lr": config.text_encoder_lr})
+    if init:
+        for model, modules in zip([backbone.unet, *backbone.text_encoders], init):
+            if modules:
+                fill_lora(model, modules)
+    for group in groups:
+        for p in group["params"]:
+            p.data = p.data.float()
+    if config.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+        for encoder in backbone.text_encoders if te_train else ():
+            encoder.gradient_checkpointing_enable()
+
+    # 4. text conditioning: cached once unless captions change per step or the text encoder trains
+    varying = config.shuffle_captions or config.caption_dropout > 0 or te_train
+    text_cache: dict[str, dict[str, torch.Tensor]] = {}
+    if not varying:
+        with torch.no_grad():
+            for caption in sorted({entry.item.caption for entry in cache}):
+                text_cache[caption] = {k: v[0] for k, v in backbone.encode_prompts([caption]).items()}
+        if not config.sample_prompts:
+            for encoder in backbone.text_encoders:
+                encoder.to("cpu")
+
+    # 5. plan, optimizer, schedule
+    epochs = config.epochs
+    plan = plan_batches(cache, config, epochs)
+    accumulation = config.gradient_accumulation_steps
+    if config.max_steps:
+        epochs = max(epochs, math.ceil(config.max_steps * accumulation / max(len(plan) / epochs, 1)))
+        plan = plan_batches(cache, config, epochs)[:config.max_steps * accumulation]
+    total_steps = math.ceil(len(plan) / accumulation)
+    optimizer = make_optimizer(config.optimizer, groups, config.weight_decay, device)
+    scheduler = make_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
+    trained = [backbone.unet] + (backbone.text_encoders if te_train else [])
+    prepared = accelerator.prepare(*trained, optimizer)
+    models, optimizer = list(prepared[:-1]), prepared[-1]
+
+    micro, step = 0, 0
+    if resume:
+        restored = checkpoints.load(resume, trained, optimizer, scheduler)
+        micro, step = restored["micro"], restored["step"]
+        log.info("Resumed from %s at step %d", resume, step)
+
+    meta = dict(started_at=started_at, scan=scan, tags=tag_frequency(scan.items), buckets=buckets,
+                model_name=backbone.name, total_steps=total_steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    writer = _tensorboard(out_dir / "logs") if accelerator.is_main_process else None
+    result = TrainResult(None, out_dir, step, total_steps)
+
+    def save(kind: str) -> Path | None:
+        """A resumable checkpoint plus a usable LoRA file of this step (main process only)."""
+        if not accelerator.is_main_process:
+            return None
+        epoch = plan[min(micro, len(plan) - 1)][0] + (1 if micro >= len(plan) else 0)
+        path = checkpoints.save(out_dir, config, family, backbone, trained, optimizer, scheduler, micro=micro,
+                                step=step, epoch=epoch, kind=kind, meta=meta)
+        bus.emit("saved", step, total_steps, path=str(path), what=kind)
+        return path
+
+    # 6. the loop
+    for model in models:
+        model.train()
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    tick = time.time()
+    try:
+        while micro < len(plan):
+            epoch, indices = plan[micro]
+            indices = indices[accelerator.process_index::accelerator.num_processes] or indices
+            gen = _rng(config.seed, 2, micro)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # LoRA dropout, per step
+            flips = torch.rand(len(indices), generator=gen) < 0.5
+            latents = torch.stack([
+                cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
+                for i, flip in zip(indices, flips.tolist())]).to(device, weight_dtype)
+            captions = [cache[i].item.caption for i in indices]
+            noise = torch.randn(latents.shape, generator=gen).to(device, weight_dtype)
+            if config.noise_offset:
+                noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(device, weight_dtype)
+            timesteps = torch.randint(0, backbone.noise_scheduler.config.num_train_timesteps, (len(indices),),
+                                      generator=gen).to(device)
+            if varying:
+                captions = [process_caption(c, shuffle=config.shuffle_captions, keep_tokens=config.keep_tokens,
+                                            dropout=config.caption_dropout, generator=gen) for c in captions]
+                with torch.set_grad_enabled(te_train), accelerator.autocast():
+                    cond = backbone.encode_prompts(captions)
+            else:
+                cond = {k: torch.stack([text_cache[c][k] for c in captions]) for k in text_cache[captions[0]]}
+            time_ids = torch.stack([cache[i].time_ids for i in indices]).to(device) if family == "sdxl" else None
+
+            is_sync = (micro + 1) % accumulation == 0 or micro + 1 == len(plan)
+            noisy = backbone.noise_scheduler.add_noise(latents, noise, timesteps)
+            with accelerator.autocast():
+                pred = backbone.predict(noisy, timesteps, cond, time_ids)
+            target = backbone.target(latents, noise, timesteps)
+            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if config.min_snr_gamma:
+                snr = compute_snr(backbone.noise_scheduler, timesteps)
+                weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
+                loss = loss * weight
+            loss = loss.mean()
+            accelerator.backward(loss / accumulation)
+            loss_sum += loss.detach()
+            loss_count += 1
+            micro += 1
+            if not is_sync:
+                continue
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.steps = step
+            elapsed = time.time() - tick
+            bus.emit("progress", step, total_steps, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                     seconds=elapsed, loss=result.losses[-1][1] if result.losses else None)
+
+            if step % config.log_every_n_steps == 0 or micro == len(plan):
+                mean_loss = (loss_sum / loss_count).item()  # the only host sync, every N steps
+                loss_sum.zero_()
+                loss_count = 0
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(f"The loss became {mean_loss} at step {step}. Lower learning_rate, or use "
+                                        "mixed_precision: bf16 / no; the last good save is kept.")
+                result.losses.append((step, mean_loss))
+                bus.emit("loss", step, total_steps, loss=mean_loss, lr=scheduler.get_last_lr()[0])
+                if writer:
+                    writer.add_scalar("loss", mean_loss, step)
+                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("it_per_s", config.log_every_n_steps / max(time.time() - tick, 1e-9), step)
+                tick = time.time()
+
+            epoch_done = micro == len(plan) or plan[micro][0] != epoch
+            if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
+                                      (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):
+                save("periodic")
+            if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+                result.samples += _samples(backbone, config, step, out_dir, bus, writer, accelerator, models)
+            if cancel.is_set():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if step > 0:
+            path = save("interrupted")
+            result.lora_file = checkpoints.lora_file_of(path) if path else None
+        result.interrupted = True
+        bus.emit("done", step, total_steps, interrupted=True, lora_file=str(result.lora_file))
+        if not cancel.is_set():
+            raise
+        return result
+    except Exception as exc:
+        bus.emit("error", step, total_steps, message=str(exc))
+        raise
+    finally:
+        if writer:
+            writer.close()
+
+    # 7. the finished LoRA
+    if accelerator.is_main_process:
+        if config.sample_prompts and (not config.sample_every_n_steps or step % config.sample_every_n_steps):
+            result.samples += _samples(backbone, config, step, out_dir, bus, writer=None, accelerator=accelerator, models=models)
+        result.lora_file = checkpoints.save_final(out_dir, config, family, backbone, trained, step, epochs, meta)
+        bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
+    bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file))
+    return result
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a module, casting only when its dtype differs (a cast copies every weight)."""
+    current = next(module.parameters()).dtype
+    module.to(device) if current == dtype else module.to(device, dtype)
+
+
+def _model_stamp(path: str) -> str:
+    """Size and mtime of the base model file, part of the latent cache's key."""
+    try:
+        stat = Path(path).stat()
+        return f"{stat.st_size}|{stat.st_mtime_ns}"
+    except OSError:
+        return ""
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard writer, or None (with a note) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no loss curves will be written (pip install tensorboard).")
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _samples(backbone: DiffusionBackbone, config: TrainConfig, step: int, out_dir: Path, bus: EventBus, writer,
+             accelerator: Accelerator, models: list[torch.nn.Module]) -> list[Path]:
+    """Render the sample prompts with the LoRA as it is now; PNG files, events and TensorBoard images."""
+    folder = out_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    device = accelerator.device
+    backbone.vae.to(device)
+    for encoder in backbone.text_encoders:
+        encoder.to(device)
+    pipe = backbone.sampling_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    size = config.resolution // 8 * 8
+    paths = []
+    for model in models:
+        model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for index, prompt in enumerate(config.sample_prompts):
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + index)
+            image = pipe(prompt, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
+                         generator=generator, height=size, width=size).images[0]
+            path = folder / f"step{step:08d}_{index:02d}.png"
+            image.save(path)
+            paths.append(path)
+            bus.emit("sample", step, 0, path=str(path), prompt=prompt)
+            if writer:
+                import numpy as np
+
+                writer.add_image(f"sample_{index}", np.asarray(image), step, dataformats="HWC")
+    for model in models:
+        model.train()
+    backbone.vae.to("cpu")
+    return paths
+
+
+def config_dict(config: TrainConfig) -> dict:
+    """The config as a plain dict (for metadata and JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
