@@ -91,7 +91,7 @@ class TrainConfig:
     save_every_n_steps: int = _field(0, "Also save a resumable checkpoint every N steps (0 = off).", group="output", min=0, max=10_000_000)
     save_every_n_epochs: int = _field(1, "Save a resumable checkpoint every N epochs (0 = only at the end).", group="output", min=0, max=100000)
     keep_last_n_checkpoints: int = _field(3, "How many periodic checkpoints to keep (older ones are deleted).", group="output", min=1, max=1000)
-    sample_prompts: list = _field([], "Prompts rendered as preview images while training (PNG files and TensorBoard).", group="output")
+    sample_prompts: list = _field([], "Prompts rendered as preview images while training (PNG files and TensorBoard).", group="output")  # noqa: RUF009 - _field returns a default_factory for lists
     sample_every_n_steps: int = _field(0, "Render the sample prompts every N steps (0 = only at the end if prompts are given).", group="output", min=0, max=10_000_000)
     sample_steps: int = _field(20, "Denoising steps per sample image.", group="output", min=1, max=200)
     sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0)
@@ -123,15 +123,15 @@ ALIASES = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "sd1": dict(resolution=512, min_bucket_reso=256, max_bucket_reso=1024, lora_rank=16, lora_alpha=8.0,
-                learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
-                min_snr_gamma=5.0, epochs=10, batch_size=2, clip_skip=1),
-    "sd2": dict(resolution=768, min_bucket_reso=384, max_bucket_reso=1536, lora_rank=16, lora_alpha=8.0,
-                learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
-                min_snr_gamma=5.0, epochs=10, batch_size=2, clip_skip=1),
-    "sdxl": dict(resolution=1024, min_bucket_reso=512, max_bucket_reso=2048, lora_rank=16, lora_alpha=8.0,
-                 learning_rate=1e-4, optimizer="adamw", lr_scheduler="cosine", lr_warmup_steps=0,
-                 min_snr_gamma=5.0, epochs=10, batch_size=1, clip_skip=1),
+    "sd1": {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "lora_rank": 16, "lora_alpha": 8.0,
+                "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+                "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 2, "clip_skip": 1},
+    "sd2": {"resolution": 768, "min_bucket_reso": 384, "max_bucket_reso": 1536, "lora_rank": 16, "lora_alpha": 8.0,
+                "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+                "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 2, "clip_skip": 1},
+    "sdxl": {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 8.0,
+                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+                 "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 1, "clip_skip": 1},
 }
 
 
@@ -255,10 +255,8 @@ def resolve(config: TrainConfig, family: str) -> TrainConfig:
     values["output_name"] = safe_name(values["output_name"])
     if not values["output_dir"]:
         values["output_dir"] = str(Path("output") / values["output_name"])
-    if values["min_bucket_reso"] > values["resolution"]:
-        values["min_bucket_reso"] = values["resolution"]
-    if values["max_bucket_reso"] < values["resolution"]:
-        values["max_bucket_reso"] = values["resolution"]
+    values["min_bucket_reso"] = min(values["min_bucket_reso"], values["resolution"])
+    values["max_bucket_reso"] = max(values["max_bucket_reso"], values["resolution"])
     return TrainConfig(**values)
 
 

@@ -59,7 +59,7 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
 def detect_family(keys: list[str] | set[str], source: str = "checkpoint") -> str:
     """'sd1', 'sd2' or 'sdxl' from an LDM single-file checkpoint's key names."""
     keys = set(keys)
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         raise CheckpointError(f"{source} is a LoRA, not a base model. Put it in 'init_lora' to continue training it.")
     if has(UNET_PREFIX + "double_blocks") or has(UNET_PREFIX + "joint_blocks"):

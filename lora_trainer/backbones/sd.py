@@ -24,8 +24,8 @@ from lora_trainer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, steps_offset=1)
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "clip_sample": False, "steps_offset": 1}
 
 ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 FEED_FORWARD = re.compile(r"\.(ff\.net\.0\.proj|ff\.net\.2)$|attentions\.\d+\.(proj_in|proj_out)$")
@@ -101,7 +101,7 @@ class DiffusionBackbone:
         detected = _diffusers_family(folder)
         if family not in ("auto", detected):
             raise CheckpointError(f"{folder.name} is an {detected} model, but the config says family: {family}.")
-        options = dict(use_safetensors=not allow_pickle, local_files_only=True)
+        options = {"use_safetensors": not allow_pickle, "local_files_only": True}
         try:
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **options)

@@ -23,7 +23,7 @@ TEXT_WIDTH = 64
 
 def _unet(family: str) -> UNet2DConditionModel:
     """A two-level UNet of the family's shape."""
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32)
+    common = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "norm_num_groups": 32}
     if family == "sd1":
         return UNet2DConditionModel(**common, block_out_channels=(32, 64), attention_head_dim=8,
                                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -48,7 +48,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @functools.lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """The 49,408-entry vocabulary and the merge list, as transformers' CLIPTokenizer files hold them."""
-    lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")[1:MERGES + 1]
+    with gzip.open(_bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")[1:MERGES + 1]
     units = list(_bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(line.split()) for line in lines]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

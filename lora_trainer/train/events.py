@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class EventBus:
         for listener in self.listeners:
             try:
                 listener(event)
-            except Exception:  # noqa: BLE001 - a broken progress bar must not kill a two-hour run
+            except Exception:  # a broken progress bar must not kill a two-hour run
                 log.exception("A training listener failed on a %s event", kind)
 
 

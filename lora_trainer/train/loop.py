@@ -24,7 +24,7 @@ from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.data import process_caption, scan_dataset, tag_frequency
 from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
 from lora_trainer.errors import TrainingError
-from lora_trainer.lora.inject import add_lora, fill_lora, lora_state, read_init_lora
+from lora_trainer.lora.inject import add_lora, fill_lora, read_init_lora
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
 from lora_trainer.train.optim import make_optimizer, make_scheduler
@@ -193,8 +193,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         micro, step = restored["micro"], restored["step"]
         log.info("Resumed from %s at step %d", resume, step)
 
-    meta = dict(started_at=started_at, scan=scan, tags=tag_frequency(scan.items), buckets=buckets,
-                model_name=backbone.name, total_steps=total_steps)
+    meta = {"started_at": started_at, "scan": scan, "tags": tag_frequency(scan.items), "buckets": buckets,
+                "model_name": backbone.name, "total_steps": total_steps}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
     writer = _tensorboard(out_dir / "logs") if accelerator.is_main_process else None

@@ -145,7 +145,7 @@ def save(out_dir: Path, config: TrainConfig, family: str, backbone, trained: lis
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
         raise TrainingError(f"Saving the checkpoint in {root} failed ({exc.strerror}); earlier checkpoints are intact.") from None
-    log.info("Saved checkpoint %s (%s)", final, kind)
+    log.debug("Saved checkpoint %s (%s)", final, kind)
     _prune(root, out_dir, config)
     return final
 
