@@ -133,7 +133,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     backbone.unet.requires_grad_(False)
     _place(backbone.unet, device, weight_dtype)
 
-    # 3. LoRA layers
+    # 3. LoRA layers (their random initialisation comes from the seed too)
+    torch.manual_seed(config.seed)
     init = None
     if config.init_lora:
         init = read_init_lora(config.init_lora, backbone.unet, backbone.text_encoders, family, config.lora_alpha)

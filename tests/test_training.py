@@ -1,0 +1,257 @@
+"""End-to-end training on the tiny models: learning, export, reload, resume, and leaving host weights alone."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import make_dataset, quick_config
+from safetensors.torch import load_file
+
+from lora_trainer.backbones.checkpoint import UNET_PREFIX, read_checkpoint
+from lora_trainer.backbones.ldm import unet_to_ldm
+from lora_trainer.backbones.sd import DiffusionBackbone
+from lora_trainer.backbones.tiny import tiny_state_dict
+from lora_trainer.lora.kohya import lora_modules, read_lora_file
+from lora_trainer.train.events import CancelToken
+from lora_trainer.train.loop import train_lora
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def _eval_loss(backbone: DiffusionBackbone, data, seed: int = 0) -> float:
+    """Mean denoising loss over the training images at fixed noise and timesteps."""
+    from lora_trainer.data import scan_dataset
+    from lora_trainer.data.cache import assign_buckets, encode_dataset
+
+    items = scan_dataset(data).items
+    cache = encode_dataset(items, assign_buckets(items, 64, True, 32, 128), backbone.encode_images, flip=False)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for entry in cache:
+            latents = entry.latents[None].repeat(8, 1, 1, 1)
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (8,), generator=gen)
+            cond = {k: v.repeat(8, *[1] * (v.ndim - 1)) for k, v in backbone.encode_prompts([entry.item.caption]).items()}
+            noisy = backbone.noise_scheduler.add_noise(latents, noise, t)
+            total += torch.nn.functional.mse_loss(backbone.predict(noisy, t, cond), noise).item()
+    return total / len(cache)
+
+
+def _pipeline_with_lora(checkpoint, lora_file):
+    """A diffusers pipeline over the tiny checkpoint with the LoRA loaded by diffusers itself."""
+    backbone = DiffusionBackbone.from_file(checkpoint)
+    pipe = backbone.sampling_pipeline()
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    return backbone, pipe
+
+
+def test_loss_falls_and_lora_changes_the_unet_output(sd1_checkpoint, tmp_path):
+    data = make_dataset(tmp_path / "data", count=2)
+    config = quick_config(sd1_checkpoint, data, tmp_path / "out", max_steps=60, learning_rate=3e-3,
+                          lr_scheduler="constant", min_snr_gamma=0, lora_rank=8, lora_alpha=8)
+    result = train_lora(config)
+    base = DiffusionBackbone.from_file(sd1_checkpoint)
+    before = _eval_loss(base, data)
+    trained, _ = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
+    after = _eval_loss(trained, data)
+    assert after < before * 0.9, (before, after)
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        out_base = base.predict(latents, t, base.encode_prompts(["inkwash"]))
+        out_lora = trained.predict(latents, t, trained.encode_prompts(["inkwash"]))
+    assert (out_base - out_lora).abs().max() > 1e-3
+
+
+def test_saved_lora_reloads_bit_identical_to_the_trained_weights(sd1_checkpoint, dataset, tmp_path):
+    train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "out", save_every_n_steps=2, max_steps=4))
+    state = torch.load(tmp_path / "out" / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
+    trained = state["loras"][0]
+    tensors, _ = read_lora_file(tmp_path / "out" / "ink_lora-step00000002.safetensors")
+    modules = lora_modules(tensors)
+    assert len(modules) == len(trained) // 2
+    for name, parts in modules.items():
+        peft_name = next(k for k in trained if re.sub(r"[.]", "_", k.rsplit(".lora_A", 1)[0]) == name[len("lora_unet_"):]
+                         and ".lora_A" in k)
+        assert torch.equal(parts["down"], trained[peft_name])
+        assert torch.equal(parts["up"], trained[peft_name.replace("lora_A", "lora_B")])
+        assert float(parts["alpha"]) == 4.0
+    assert load_file(str(tmp_path / "out" / "ink_lora.safetensors")).keys() == tensors.keys()
+
+
+def test_file_loads_in_diffusers_with_every_key_used_and_merges_exactly(sd1_checkpoint, dataset, tmp_path):
+    result = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "out", train_text_encoder=True,
+                                     lora_alpha=2, lora_rank=4))
+    tensors, metadata = read_lora_file(result.lora_file)
+    modules = lora_modules(tensors)
+    backbone, pipe = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
+    wrapped = [n for model in (pipe.unet, pipe.text_encoder) for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert len(wrapped) == len(modules)  # every module of the file became a LoRA layer
+
+    base = DiffusionBackbone.from_file(sd1_checkpoint)
+    original = {**{f"unet.{k}": v for k, v in base.unet.state_dict().items()},
+                **{f"te.{k}": v for k, v in base.text_encoders[0].state_dict().items()}}
+    pipe.fuse_lora(lora_scale=1.0)
+    fused = {**{f"unet.{k}": v for k, v in pipe.unet.state_dict().items()},
+             **{f"te.{k}": v for k, v in pipe.text_encoder.state_dict().items()}}
+    checked = 0
+    for name, parts in modules.items():
+        prefix, module = ("unet.", name[len("lora_unet_"):]) if name.startswith("lora_unet_") else ("te.", name[len("lora_te_"):])
+        module = module.removeprefix("text_model_")
+        key = next(k for k in fused if k.startswith(prefix) and k.endswith("base_layer.weight")
+                   and k[len(prefix):].removesuffix(".base_layer.weight").replace(".", "_").removeprefix("text_model_") == module)
+        plain = key.replace(".base_layer", "")
+        w0 = original[plain] if plain in original else original[prefix + "text_model." + plain[len(prefix):]]
+        down, up = parts["down"].flatten(1), parts["up"].flatten(1)
+        expected = w0 + (2.0 / 4) * (up @ down).reshape(w0.shape)
+        assert torch.allclose(fused[key], expected, atol=1e-5), name
+        checked += 1
+    assert checked == len(modules)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2"
+
+
+def test_every_key_follows_the_webui_and_comfyui_rules(sd1_checkpoint, dataset, tmp_path):
+    result = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "out", lora_targets="locon", train_text_encoder=True))
+    tensors, metadata = read_lora_file(result.lora_file)
+    assert all(KOHYA_KEY.match(k) for k in tensors), [k for k in tensors if not KOHYA_KEY.match(k)][:5]
+    modules = lora_modules(tensors)
+    assert all(set(parts) == {"down", "up", "alpha"} for parts in modules.values())
+    # Every UNet module maps to a weight of the original LDM checkpoint, the way the WebUI and ComfyUI resolve it.
+    checkpoint = read_checkpoint(sd1_checkpoint)
+    backbone = DiffusionBackbone.from_file(sd1_checkpoint)
+    names = [k for k in backbone.unet.state_dict() if k.endswith(".weight")]
+    ldm = {k.removesuffix(".weight").replace(".", "_"): v.removesuffix(".weight")
+           for k, v in zip(names, unet_to_ldm(dict.fromkeys(names), 1))}
+    for name in modules:
+        if name.startswith("lora_unet_"):
+            assert UNET_PREFIX + ldm[name[len("lora_unet_"):]] + ".weight" in checkpoint, name
+        else:
+            assert name.startswith("lora_te_text_model_encoder_layers_")
+    assert any("resnets" in n for n in modules) and any(n.startswith("lora_te_") for n in modules)
+    for key in ("ss_output_name", "ss_sd_model_name", "ss_base_model_version", "ss_network_dim", "ss_network_alpha",
+                "ss_tag_frequency", "ss_num_train_images", "ss_steps", "ss_epoch", "ss_learning_rate",
+                "ss_training_started_at", "ss_dataset_dirs", "ss_bucket_info", "ss_clip_skip"):
+        assert key in metadata, key
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert "inkwash" in metadata["ss_tag_frequency"]
+
+
+def test_interrupt_then_resume_gives_the_same_lora_as_one_run(sd1_checkpoint, dataset, tmp_path):
+    options = {"max_steps": 8, "shuffle_captions": True, "caption_dropout": 0.2, "flip_aug": True, "lora_dropout": 0.1,
+               "noise_offset": 0.05, "gradient_accumulation_steps": 2, "batch_size": 1}
+    whole = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "a", **options))
+
+    cancel = CancelToken()
+    stop_at_3 = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None  # noqa: E731
+    first = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), listeners=[stop_at_3], cancel=cancel)
+    assert first.interrupted and first.steps == 3
+    assert first.lora_file.is_file()
+    resumed = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    assert resumed.steps == 8 and not resumed.interrupted
+    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_host_unet_is_shared_not_copied_and_left_bit_identical(dataset, tmp_path):
+    """A host's in-memory LDM UNet becomes the trainable skeleton without a copy, and is untouched after
+    training, after a failure and after a cancel."""
+    from lora_trainer.backbones import ldm
+    from lora_trainer.backbones.sd import default_tokenizers
+
+    checkpoint = tiny_state_dict("sd1")
+    host_unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
+    snapshot = {k: v.clone() for k, v in host_unet.items()}
+
+    def backbone():
+        unet = ldm.unet_from_ldm(host_unet, "sd1")
+        return DiffusionBackbone("sd1", unet, ldm.vae_from_ldm(checkpoint, "sd1"), [ldm.clip_from_ldm(checkpoint, "sd1")],
+                                 default_tokenizers("sd1"), name="host")
+
+    model = backbone()
+    host_ptrs = {v.data_ptr() for v in host_unet.values()}
+    assert all(p.data_ptr() in host_ptrs for p in model.unet.parameters())
+    assert len(list(model.unet.parameters())) == len(host_unet)
+
+    config = quick_config("", dataset, tmp_path / "ok", base_model="")
+    train_lora(config, backbone=model)
+    assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)
+
+    failing = backbone()
+    calls = {"n": 0}
+    original = failing.predict
+
+    def predict_then_fail(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    failing.predict = predict_then_fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_lora(quick_config("", dataset, tmp_path / "fail", base_model=""), backbone=failing)
+    assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)
+
+    cancel = CancelToken()
+    cancel.set()
+    result = train_lora(quick_config("", dataset, tmp_path / "cancel", base_model=""), backbone=backbone(), cancel=cancel)
+    assert result.interrupted
+    assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)
+
+
+def test_same_seed_same_lora(sd1_checkpoint, dataset, tmp_path):
+    one = load_file(str(train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "1")).lora_file))
+    two = load_file(str(train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "2")).lora_file))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_init_lora_continues_from_ours_and_from_ldm_named_files(sd1_checkpoint, dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    first = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "first", lora_rank=4, lora_alpha=2))
+    start = load_file(str(first.lora_file))
+    # lr 0: the continued LoRA must be exactly the file it started from, re-expressed at the new alpha
+    again = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "again", init_lora=str(first.lora_file),
+                                    learning_rate=0.0, lora_alpha=4, max_steps=1))
+    continued = lora_modules(load_file(str(again.lora_file)))
+    for name, parts in lora_modules(start).items():
+        effect = (2 / 4) * parts["up"].flatten(1) @ parts["down"].flatten(1)
+        now = (4 / 4) * continued[name]["up"].flatten(1) @ continued[name]["down"].flatten(1)
+        assert torch.allclose(effect, now, atol=1e-6), name
+
+    # the same LoRA with LDM module names (as some other tools write) is understood too
+    backbone = DiffusionBackbone.from_file(sd1_checkpoint)
+    names = [k for k in backbone.unet.state_dict() if k.endswith(".weight")]
+    to_ldm = {k.removesuffix(".weight").replace(".", "_"): v.removesuffix(".weight").replace(".", "_")
+              for k, v in zip(names, unet_to_ldm(dict.fromkeys(names), 1))}
+    renamed = {}
+    for key, value in start.items():
+        module, _, leaf = key.partition(".")
+        renamed[f"lora_unet_{to_ldm[module[len('lora_unet_'):]]}.{leaf}"] = value
+    save_file(renamed, str(tmp_path / "ldm_named.safetensors"))
+    third = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "third", init_lora=str(tmp_path / "ldm_named.safetensors"),
+                                    learning_rate=0.0, lora_alpha=2, max_steps=1))
+    assert all(torch.equal(v, load_file(str(third.lora_file))[k]) for k, v in start.items())
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_train_and_export_their_own_keys(tiny_checkpoints, dataset, tmp_path, family):
+    result = train_lora(quick_config(tiny_checkpoints[family], dataset, tmp_path / family, train_text_encoder=True,
+                                     max_steps=2))
+    tensors, metadata = read_lora_file(result.lora_file)
+    prefixes = {k.split("_text_model")[0] for k in tensors if k.startswith("lora_te")}
+    assert prefixes == ({"lora_te1", "lora_te2"} if family == "sdxl" else {"lora_te"})
+    assert metadata["ss_base_model_version"] == {"sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
+    assert metadata["modelspec.architecture"].startswith("stable-diffusion-v2" if family == "sd2" else "stable-diffusion-xl-v1-base")
+    if family == "sd2":
+        assert metadata["ss_v2"] == "True" and metadata["ss_v_parameterization"] == "True"
+    _, pipe = _pipeline_with_lora(tiny_checkpoints[family], result.lora_file)
+    wrapped = sum(hasattr(m, "lora_A") for model in (pipe.unet, pipe.text_encoder) for m in model.modules())
+    if family == "sdxl":
+        wrapped += sum(hasattr(m, "lora_A") for m in pipe.text_encoder_2.modules())
+    assert wrapped == len(lora_modules(tensors))
