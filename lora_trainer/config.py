@@ -279,7 +279,12 @@ def markdown_table() -> str:
     rows = ["| key | default | allowed | what it does |", "| --- | --- | --- | --- |"]
     for f in config_fields():
         meta = f.metadata
-        default = "preset" if meta["preset"] else repr(f.default if f.default is not dataclasses.MISSING else [])
+        if meta["preset"]:
+            values = {family: PRESETS[family][f.name] for family in FAMILIES}
+            same = len(set(values.values())) == 1
+            default = f"{values['sd1']!r}" if same else " / ".join(f"{k} {v!r}" for k, v in values.items())
+        else:
+            default = repr(f.default if f.default is not dataclasses.MISSING else [])
         if meta["choices"]:
             allowed = ", ".join(meta["choices"])
         elif meta["min"] is not None:

@@ -88,7 +88,7 @@ def test_file_loads_in_diffusers_with_every_key_used_and_merges_exactly(sd1_chec
                                      lora_alpha=2, lora_rank=4))
     tensors, metadata = read_lora_file(result.lora_file)
     modules = lora_modules(tensors)
-    backbone, pipe = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
+    _, pipe = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
     wrapped = [n for model in (pipe.unet, pipe.text_encoder) for n, m in model.named_modules() if hasattr(m, "lora_A")]
     assert len(wrapped) == len(modules)  # every module of the file became a LoRA layer
 
@@ -147,7 +147,7 @@ def test_interrupt_then_resume_gives_the_same_lora_as_one_run(sd1_checkpoint, da
     whole = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "a", **options))
 
     cancel = CancelToken()
-    stop_at_3 = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None  # noqa: E731
+    stop_at_3 = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
     first = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), listeners=[stop_at_3], cancel=cancel)
     assert first.interrupted and first.steps == 3
     assert first.lora_file.is_file()

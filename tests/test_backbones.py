@@ -1,0 +1,47 @@
+"""Loading base models offline: tokenizer, family detection, configs derived from LDM keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_trainer.backbones import ldm
+from lora_trainer.backbones.checkpoint import UNET_PREFIX, detect_family
+from lora_trainer.backbones.sd import DiffusionBackbone, family_of
+from lora_trainer.backbones.tiny import tiny_state_dict
+from lora_trainer.backbones.tokenizer import clip_tokenizer
+
+
+def test_clip_tokenizer_from_open_clip_vocab_matches_openai_ids():
+    tokenizer = clip_tokenizer()
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = clip_tokenizer(pad_token="!")("a cat", padding="max_length", max_length=8).input_ids
+    assert padded[-1] == 0
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_family_is_read_from_the_keys_and_every_tensor_is_used(family, tiny_checkpoints):
+    assert family_of(tiny_checkpoints[family]) == family
+    checkpoint = tiny_state_dict(family)
+    assert detect_family(checkpoint.keys()) == family
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
+    backbone = DiffusionBackbone.from_file(tiny_checkpoints[family])
+    assert len(list(backbone.unet.parameters())) == len(unet_sd)
+    expected_width = {"sd1": 64, "sd2": 64, "sdxl": 128}[family]
+    assert backbone.unet.config.cross_attention_dim == expected_width
+    cond = backbone.encode_prompts(["a cat", "a dog"])
+    assert cond["hidden"].shape == (2, 77, expected_width)
+    assert ("pooled" in cond) == (family == "sdxl")
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32) if family == "sdxl" else None
+    out = backbone.predict(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), cond, time_ids)
+    assert out.shape == (2, 4, 8, 8) and out.abs().sum() > 0
+
+
+def test_ldm_renaming_round_trips_through_diffusers_converter():
+    checkpoint = tiny_state_dict("sdxl")
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
+    unet = ldm.unet_from_ldm(unet_sd, "sdxl", pooled_dim=64)
+    back = ldm.unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+    assert back.keys() == unet_sd.keys()
+    assert all(back[k].data_ptr() == unet_sd[k].data_ptr() for k in unet_sd)
