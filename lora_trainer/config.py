@@ -163,9 +163,10 @@ def _coerce(name: str, value: Any) -> Any:
             elif not isinstance(value, bool):
                 raise ValueError(value)
         elif kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or not float(number).is_integer():
                 raise ValueError(value)
-            value = int(float(value)) if isinstance(value, str) and re.fullmatch(r"\d+(\.0*)?|\d+e\d+", value.strip()) else int(value)
+            value = int(number)
         elif kind is float:
             if isinstance(value, bool):
                 raise ValueError(value)
@@ -183,6 +184,8 @@ def _coerce(name: str, value: Any) -> Any:
             value = str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"'{name}' must be {_describe_type(f)}, got {value!r}. {meta['help']}") from None
+    if name == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps; got {value!r}.")
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"'{name}' must be one of {', '.join(meta['choices'])}; got {value!r}.")
     low, high = meta["min"], meta["max"]
@@ -201,6 +204,7 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     """Build a config from a mapping, accepting aliases and refusing unknown keys by name."""
     clean: dict[str, Any] = {}
     for key, value in values.items():
+        key = str(key)  # YAML reads keys such as `on:` or `1:` as booleans or numbers
         name = ALIASES.get(key, key)
         if key in ALIASES and name is None:
             continue  # kohya keys with no meaning here (e.g. save_model_as) are accepted and ignored
@@ -223,6 +227,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -232,7 +238,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}.")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            values[key.strip()] = raw  # not YAML (e.g. "@me"): take the text as typed
     return make_config(values)
 
 

@@ -65,9 +65,10 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
         os.replace(tmp, path)
     except (OSError, SafetensorError, RuntimeError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(exc, "strerror", None) or str(exc)
         raise TrainingError(f"Saving {path.name} failed ({reason}); the previous file, if any, is intact.") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # still there only if the write or the rename did not happen
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.training_utils import compute_snr
 
 from lora_trainer.backbones.sd import DiffusionBackbone, family_of
@@ -80,15 +81,21 @@ def _mixed_precision(config: TrainConfig) -> str:
 
 def _accelerator(config: TrainConfig, logging_dir: Path) -> Accelerator:
     """An Accelerator on the configured device, with the configured precision."""
-    if config.device.startswith("cuda:"):
-        torch.cuda.set_device(int(config.device.split(":")[1]))
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError("device: cuda was asked for, but torch sees no CUDA GPU. Use device: auto or cpu.")
+    if config.device.startswith("cuda:"):
+        index = int(config.device.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise TrainingError(f"device: {config.device} does not exist; this machine has {torch.cuda.device_count()} GPU(s).")
+        torch.cuda.set_device(index)
     if config.device == "mps" and not torch.backends.mps.is_available():
         raise TrainingError("device: mps was asked for, but this torch has no Apple MPS support.")
     precision = _mixed_precision(config)
     if precision != "no" and config.device == "cpu":
         precision = "bf16" if precision == "bf16" else "no"
+    # accelerate keeps its settings in a process-wide singleton; a host process runs many trainings with
+    # different precisions, so each run starts from a clean one (the distributed set-up is kept).
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=config.device == "cpu", project_dir=str(logging_dir))
 
 
@@ -202,14 +209,14 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     result = TrainResult(None, out_dir, step, total_steps)
 
     def save(kind: str) -> Path | None:
-        """A resumable checkpoint plus a usable LoRA file of this step (main process only)."""
+        """A resumable checkpoint plus a usable LoRA file of this step (main process only); the LoRA's path."""
         if not accelerator.is_main_process:
             return None
         epoch = plan[min(micro, len(plan) - 1)][0] + (1 if micro >= len(plan) else 0)
-        path = checkpoints.save(out_dir, config, family, backbone, trained, optimizer, scheduler, micro=micro,
-                                step=step, epoch=epoch, kind=kind, meta=meta)
-        bus.emit("saved", step, total_steps, path=str(path), what=kind)
-        return path
+        folder, lora_path = checkpoints.save(out_dir, config, family, backbone, trained, optimizer, scheduler,
+                                             micro=micro, step=step, epoch=epoch, kind=kind, meta=meta)
+        bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=kind)
+        return lora_path
 
     # 6. the loop
     for model in models:
@@ -295,8 +302,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if step > 0:
-            path = save("interrupted")
-            result.lora_file = checkpoints.lora_file_of(path) if path else None
+            result.lora_file = save("interrupted")
         result.interrupted = True
         bus.emit("done", step, total_steps, interrupted=True, lora_file=str(result.lora_file))
         if not cancel.is_set():

@@ -110,17 +110,9 @@ def save_final(out_dir: Path, config: TrainConfig, family: str, backbone, traine
     return export_lora(out_dir / f"{config.output_name}.safetensors", config, family, backbone, trained, step, epoch, meta)
 
 
-def lora_file_of(checkpoint: Path) -> Path:
-    """The usable LoRA file written beside a checkpoint folder."""
-    config = checkpoint / "config.yaml"
-    name = next((line.split(":", 1)[1].strip() for line in config.read_text().splitlines()
-                 if line.startswith("output_name:")), "lora")
-    return checkpoint.parent.parent / f"{name}-{checkpoint.name.replace('-', '')}.safetensors"
-
-
 def save(out_dir: Path, config: TrainConfig, family: str, backbone, trained: list[torch.nn.Module], optimizer,
-         scheduler, *, micro: int, step: int, epoch: int, kind: str, meta: dict) -> Path:
-    """Write a resumable checkpoint folder and the LoRA of this step; prune old periodic ones."""
+         scheduler, *, micro: int, step: int, epoch: int, kind: str, meta: dict) -> tuple[Path, Path]:
+    """Write a resumable checkpoint folder and the LoRA of this step; prune old ones. Returns both paths."""
     root = out_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     lora_path = out_dir / f"{config.output_name}-step{step:08d}.safetensors"
@@ -147,7 +139,7 @@ def save(out_dir: Path, config: TrainConfig, family: str, backbone, trained: lis
         raise TrainingError(f"Saving the checkpoint in {root} failed ({exc.strerror}); earlier checkpoints are intact.") from None
     log.debug("Saved checkpoint %s (%s)", final, kind)
     _prune(root, out_dir, config)
-    return final
+    return final, lora_path
 
 
 def _prune(root: Path, out_dir: Path, config: TrainConfig) -> None:
