@@ -45,3 +45,19 @@ def test_ldm_renaming_round_trips_through_diffusers_converter():
     back = ldm.unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
     assert back.keys() == unet_sd.keys()
     assert all(back[k].data_ptr() == unet_sd[k].data_ptr() for k in unet_sd)
+
+
+def test_a_diffusers_folder_trains_like_the_single_file(tiny_checkpoints, dataset, tmp_path):
+    from conftest import quick_config
+
+    from lora_trainer.train.loop import train_lora
+
+    single = DiffusionBackbone.from_file(tiny_checkpoints["sdxl"])
+    folder = tmp_path / "tiny-sdxl-diffusers"
+    single.sampling_pipeline().save_pretrained(folder)
+    assert family_of(folder) == "sdxl"
+    loaded = DiffusionBackbone.from_file(folder)
+    cond_a, cond_b = single.encode_prompts(["a cat"]), loaded.encode_prompts(["a cat"])
+    assert torch.allclose(cond_a["hidden"], cond_b["hidden"]) and torch.allclose(cond_a["pooled"], cond_b["pooled"])
+    result = train_lora(quick_config(folder, dataset, tmp_path / "out", max_steps=2))
+    assert result.lora_file.is_file()

@@ -65,6 +65,8 @@ class DiffusionBackbone:
     clip_skip: int = 1
     name: str = "model"
     noise_scheduler: DDPMScheduler = field(init=False)
+    # what runs the UNet's forward while training: accelerate's wrapper (DDP on several GPUs), else the UNet
+    runner: torch.nn.Module | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.noise_scheduler = DDPMScheduler(**SCHEDULER, prediction_type=self.prediction_type)
@@ -150,7 +152,7 @@ class DiffusionBackbone:
         extra = None
         if self.family == "sdxl":
             extra = {"text_embeds": cond["pooled"], "time_ids": time_ids}
-        return self.unet(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
+        return (self.runner or self.unet)(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What `predict` should output: the noise, or v for v-prediction models."""

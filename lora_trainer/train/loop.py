@@ -194,6 +194,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     trained = [backbone.unet] + (backbone.text_encoders if te_train else [])
     prepared = accelerator.prepare(*trained, optimizer)
     models, optimizer = list(prepared[:-1]), prepared[-1]
+    backbone.runner = models[0]
 
     micro, step = 0, 0
     if resume:
@@ -266,6 +267,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             micro += 1
             if not is_sync:
                 continue
+            if te_train and accelerator.num_processes > 1:
+                # the text encoders run outside accelerate's wrapper, so their gradients are averaged here
+                for p in groups[1]["params"]:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
             optimizer.step()
@@ -312,6 +317,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         bus.emit("error", step, total_steps, message=str(exc))
         raise
     finally:
+        backbone.runner = None
         if writer:
             writer.close()
 
