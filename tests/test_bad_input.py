@@ -403,3 +403,12 @@ def test_ctrl_c_inside_a_step_saves_then_reraises(tiny_checkpoint: Path, tmp_pat
     assert all_finite(out / "noise-step00000002.safetensors")
     done = [e for e in events if e.kind == "done"]
     assert len(done) == 1 and done[0].data["interrupted"] is True
+
+
+@pytest.mark.parametrize("typed", ["../../escape", "/etc/passwd", "..\\..\\win", "a/b/c.safetensors"])
+def test_output_names_cannot_leave_the_output_folder(typed):
+    from lora_trainer.config import safe_name
+
+    name = safe_name(typed)
+    assert "/" not in name and "\\" not in name and not name.startswith(".")
+    assert Path("out", name).resolve().parent == Path("out").resolve()

@@ -85,8 +85,6 @@ def _train(args: argparse.Namespace) -> int:
     result = train_lora(config, listeners=[bar], resume=args.resume)
     bar.close()
     if result.interrupted:
-        print(f"Interrupted at step {result.steps}/{result.total_steps}. Resume with: "
-              f"python -m lora_trainer train --resume {result.output_dir}")
         return 130
     print(f"LoRA written: {result.lora_file}")
     print(f"Use it as <lora:{result.lora_file.stem}:0.8> (copy it into your WebUI's models/Lora or ComfyUI's models/loras).")

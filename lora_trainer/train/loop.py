@@ -134,6 +134,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                            model_id=f"{config.base_model}|{_model_stamp(config.base_model)}",
                            on_progress=lambda done, total: bus.emit("progress", done, total, phase="caching"))
     backbone.vae.to("cpu")
+    for entry in cache:  # a few KiB per image: keep them on the GPU so steps never wait for copies
+        entry.latents = entry.latents.to(device, weight_dtype)
+        if entry.latents_flipped is not None:
+            entry.latents_flipped = entry.latents_flipped.to(device, weight_dtype)
     for encoder in backbone.text_encoders:
         encoder.requires_grad_(False)
         _place(encoder, device, weight_dtype if config.train_text_encoder else torch.float32)
@@ -234,7 +238,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             flips = torch.rand(len(indices), generator=gen) < 0.5
             latents = torch.stack([
                 cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
-                for i, flip in zip(indices, flips.tolist())]).to(device, weight_dtype)
+                for i, flip in zip(indices, flips.tolist())])
             captions = [cache[i].item.caption for i in indices]
             noise = torch.randn(latents.shape, generator=gen).to(device, weight_dtype)
             if config.noise_offset:
@@ -308,6 +312,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     except KeyboardInterrupt:
         if step > 0:
             result.lora_file = save("interrupted")
+            log.info("Stopped at step %d of %d; the LoRA so far is %s. Continue with: train --resume %s",
+                     step, total_steps, result.lora_file, out_dir)
+        else:
+            log.info("Stopped before the first step; nothing was saved.")
         result.interrupted = True
         bus.emit("done", step, total_steps, interrupted=True, lora_file=str(result.lora_file))
         if not cancel.is_set():
