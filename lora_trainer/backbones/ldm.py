@@ -189,10 +189,11 @@ def open_clip_from_ldm(checkpoint: dict[str, torch.Tensor], family: str) -> CLIP
     source = {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
     if family == "sd2":
         last = f"{prefix}transformer.resblocks.{layers[-1]}."
-        source = {k: v for k, v in source.items() if not k.startswith(last) and not k.endswith("text_projection")}
+        source = {k: v for k, v in source.items() if not k.startswith(last)}
+    width = source[prefix + "token_embedding.weight"].shape[1]
 
-    class _Probe:  # convert_open_clip_checkpoint only reads config.hidden_size from the model it is given
-        config = type("Config", (), {"hidden_size": source[prefix + "token_embedding.weight"].shape[1]})
+    class _Probe:  # the converter reads the q/k/v split width from the model's config (name varies by version)
+        config = type("Config", (), {"hidden_size": width, "projection_dim": width})
 
     sd = text_model_keys(convert_open_clip_checkpoint(_Probe, source, prefix=prefix))
     cls = CLIPTextModelWithProjection if family == "sdxl" else CLIPTextModel
