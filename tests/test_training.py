@@ -255,3 +255,15 @@ def test_sd2_and_sdxl_train_and_export_their_own_keys(tiny_checkpoints, dataset,
     if family == "sdxl":
         wrapped += sum(hasattr(m, "lora_A") for m in pipe.text_encoder_2.modules())
     assert wrapped == len(lora_modules(tensors))
+
+
+def test_snr_matches_diffusers_compute_snr():
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    from diffusers import DDPMScheduler
+
+    from lora_trainer.backbones.sd import SCHEDULER
+    from lora_trainer.train.loop import _snr
+
+    scheduler = DDPMScheduler(**SCHEDULER)
+    t = torch.tensor([0, 10, 500, 999])
+    assert torch.allclose(_snr(scheduler.alphas_cumprod, t), training_utils.compute_snr(scheduler, t))

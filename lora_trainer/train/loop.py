@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers.training_utils import compute_snr
 
 from lora_trainer.backbones.sd import DiffusionBackbone, family_of
 from lora_trainer.config import TrainConfig, resolve, to_yaml
@@ -261,7 +260,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             target = backbone.target(latents, noise, timesteps)
             loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             if config.min_snr_gamma:
-                snr = compute_snr(backbone.noise_scheduler, timesteps)
+                snr = _snr(backbone.noise_scheduler.alphas_cumprod, timesteps)
                 weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
                 loss = loss * weight
             loss = loss.mean()
@@ -337,6 +336,15 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file))
     return result
+
+
+def _snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio at each timestep, as diffusers' compute_snr gives it.
+
+    Written out because importing diffusers.training_utils fails under the WebUI's transformers 4.30.
+    """
+    alphas = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas / (1 - alphas)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
