@@ -2,7 +2,7 @@
 
 Everything is made locally (no downloads) and runs on a CPU in well under three minutes. The model
 has random weights, so the pictures are noise: the point is the whole path, from a folder to a LoRA
-file that diffusers loads.
+file and an image rendered with it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import make_config
+from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.train.events import Listener
 from lora_trainer.train.loop import train_lora
 
@@ -46,11 +47,12 @@ def make_images(folder: Path, count: int = 8, size: int = 96) -> Path:
 
 
 def render(checkpoint: Path, lora: Path | None, prompt: str, size: int = 64) -> Image.Image:
-    """One image from the checkpoint, with the LoRA loaded through diffusers' own loader if given."""
-    pipe = DiffusionBackbone.from_file(checkpoint).sampling_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    """One image from the checkpoint, with the LoRA file applied if given."""
+    backbone = DiffusionBackbone.from_file(checkpoint)
     if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        apply_lora_file(backbone, str(lora))
+    pipe = backbone.sampling_pipeline()
+    pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     return pipe(prompt, num_inference_steps=10, guidance_scale=5.0, height=size, width=size, generator=generator).images[0]
 

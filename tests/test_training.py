@@ -13,6 +13,7 @@ from lora_trainer.backbones.checkpoint import UNET_PREFIX, read_checkpoint
 from lora_trainer.backbones.ldm import unet_to_ldm
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import tiny_state_dict
+from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.lora.kohya import lora_modules, read_lora_file
 from lora_trainer.train.events import CancelToken
 from lora_trainer.train.loop import train_lora
@@ -40,6 +41,16 @@ def _eval_loss(backbone: DiffusionBackbone, data, seed: int = 0) -> float:
     return total / len(cache)
 
 
+def _diffusers_has_peft() -> bool:
+    """diffusers loads LoRAs only with its peft backend, which needs transformers >= 4.34."""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    return USE_PEFT_BACKEND
+
+
+needs_diffusers_lora = pytest.mark.skipif(not _diffusers_has_peft(), reason="diffusers' LoRA loader needs transformers >= 4.34")
+
+
 def _pipeline_with_lora(checkpoint, lora_file):
     """A diffusers pipeline over the tiny checkpoint with the LoRA loaded by diffusers itself."""
     backbone = DiffusionBackbone.from_file(checkpoint)
@@ -55,7 +66,8 @@ def test_loss_falls_and_lora_changes_the_unet_output(sd1_checkpoint, tmp_path):
     result = train_lora(config)
     base = DiffusionBackbone.from_file(sd1_checkpoint)
     before = _eval_loss(base, data)
-    trained, _ = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
+    trained = DiffusionBackbone.from_file(sd1_checkpoint)
+    apply_lora_file(trained, str(result.lora_file))
     after = _eval_loss(trained, data)
     assert after < before * 0.9, (before, after)
 
@@ -83,6 +95,7 @@ def test_saved_lora_reloads_bit_identical_to_the_trained_weights(sd1_checkpoint,
     assert load_file(str(tmp_path / "out" / "ink_lora.safetensors")).keys() == tensors.keys()
 
 
+@needs_diffusers_lora
 def test_file_loads_in_diffusers_with_every_key_used_and_merges_exactly(sd1_checkpoint, dataset, tmp_path):
     result = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "out", train_text_encoder=True,
                                      lora_alpha=2, lora_rank=4))
@@ -91,6 +104,16 @@ def test_file_loads_in_diffusers_with_every_key_used_and_merges_exactly(sd1_chec
     _, pipe = _pipeline_with_lora(sd1_checkpoint, result.lora_file)
     wrapped = [n for model in (pipe.unet, pipe.text_encoder) for n, m in model.named_modules() if hasattr(m, "lora_A")]
     assert len(wrapped) == len(modules)  # every module of the file became a LoRA layer
+
+    # our own loader (used for previews) gives the same UNet output as diffusers' loader
+    ours = DiffusionBackbone.from_file(sd1_checkpoint)
+    apply_lora_file(ours, str(result.lora_file))
+    latents, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([300])
+    with torch.no_grad():
+        cond = ours.encode_prompts(["inkwash"])
+        theirs = pipe.unet(latents, t, pipe.text_encoder(pipe.tokenizer(["inkwash"], padding="max_length",
+                           return_tensors="pt").input_ids)[0]).sample
+        assert torch.allclose(ours.predict(latents, t, cond), theirs, atol=1e-5)
 
     base = DiffusionBackbone.from_file(sd1_checkpoint)
     original = {**{f"unet.{k}": v for k, v in base.unet.state_dict().items()},
@@ -250,6 +273,8 @@ def test_sd2_and_sdxl_train_and_export_their_own_keys(tiny_checkpoints, dataset,
     assert metadata["modelspec.architecture"].startswith("stable-diffusion-v2" if family == "sd2" else "stable-diffusion-xl-v1-base")
     if family == "sd2":
         assert metadata["ss_v2"] == "True" and metadata["ss_v_parameterization"] == "True"
+    if not _diffusers_has_peft():
+        return  # the rest checks diffusers' own loader, which the oldest transformers we support lacks
     _, pipe = _pipeline_with_lora(tiny_checkpoints[family], result.lora_file)
     wrapped = sum(hasattr(m, "lora_A") for model in (pipe.unet, pipe.text_encoder) for m in model.modules())
     if family == "sdxl":
@@ -258,7 +283,10 @@ def test_sd2_and_sdxl_train_and_export_their_own_keys(tiny_checkpoints, dataset,
 
 
 def test_snr_matches_diffusers_compute_snr():
-    training_utils = pytest.importorskip("diffusers.training_utils")
+    try:
+        from diffusers import training_utils
+    except (ImportError, AttributeError, RuntimeError):  # it does not import under transformers 4.30
+        pytest.skip("diffusers.training_utils does not import with this transformers")
     from diffusers import DDPMScheduler
 
     from lora_trainer.backbones.sd import SCHEDULER

@@ -98,3 +98,22 @@ def fill_lora(model: torch.nn.Module, modules: dict[str, dict]) -> None:
         state[f"{name}.lora_A.weight"] = parts["down"]
         state[f"{name}.lora_B.weight"] = parts["up"]
     load_lora_state(model, state)
+
+
+def apply_lora_file(backbone, path: str, strength: float = 1.0) -> None:
+    """Put a kohya LoRA file onto a backbone's UNet and text encoders at `strength` (for previews and tests).
+
+    Uses our own reader rather than diffusers' loader, which needs transformers >= 4.34 (the WebUI has 4.30).
+    """
+    models = [backbone.unet, *backbone.text_encoders]
+    per_model = read_init_lora(path, backbone.unet, backbone.text_encoders, backbone.family, alpha=1.0)
+    for model, modules in zip(models, per_model):
+        if not modules:
+            continue
+        ranks = {name: parts["down"].shape[0] for name, parts in modules.items()}
+        for parts in modules.values():
+            parts["up"] = parts["up"] * strength
+        add_lora(model, sorted(modules), max(ranks.values()), 1.0, 0.0, ranks)
+        # peft scales by alpha/rank; read_init_lora already folded the file's own scale into `up` for alpha 1
+        fill_lora(model, modules)
+        model.requires_grad_(False)

@@ -206,7 +206,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         log.info("Resumed from %s at step %d", resume, step)
 
     meta = {"started_at": started_at, "scan": scan, "tags": tag_frequency(scan.items), "buckets": buckets,
-                "model_name": backbone.name, "total_steps": total_steps}
+            "model_name": backbone.name, "total_steps": total_steps}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
     writer = _tensorboard(out_dir / "logs") if accelerator.is_main_process else None
@@ -230,6 +230,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     tick = time.time()
     try:
         while micro < len(plan):
+            if cancel.is_set() and micro % accumulation == 0:
+                raise KeyboardInterrupt
             epoch, indices = plan[micro]
             indices = indices[accelerator.process_index::accelerator.num_processes] or indices
             gen = _rng(config.seed, 2, micro)
@@ -306,8 +308,6 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 save("periodic")
             if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
                 result.samples += _samples(backbone, config, step, out_dir, bus, writer, accelerator, models)
-            if cancel.is_set():
-                raise KeyboardInterrupt
     except KeyboardInterrupt:
         if step > 0:
             result.lora_file = save("interrupted")
