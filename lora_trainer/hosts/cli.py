@@ -86,6 +86,8 @@ def _train(args: argparse.Namespace) -> int:
     bar.close()
     if result.interrupted:
         return 130
+    if result.lora_file is None:
+        return 0  # another process of a multi-GPU run: the main one writes and reports
     print(f"LoRA written: {result.lora_file}")
     print(f"Use it as <lora:{result.lora_file.stem}:0.8> (copy it into your WebUI's models/Lora or ComfyUI's models/loras).")
     print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")

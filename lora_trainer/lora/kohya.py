@@ -108,7 +108,7 @@ def describe(path: str | Path) -> str:
     for name in modules:
         groups[name.split("_")[1]] = groups.get(name.split("_")[1], 0) + 1
     family = metadata.get("ss_base_model_version") or ("sdxl" if any(n.startswith("lora_te2") for n in modules) else "sd1/sd2")
-    dtype = next(iter(tensors.values())).dtype if tensors else None
+    dtype = next((v.dtype for k, v in tensors.items() if k.endswith(".weight")), None)
     lines = [f"file: {Path(path).name}", f"family: {family}", f"modules: {len(modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(groups.items()))})",
              f"rank: {', '.join(map(str, ranks))}", f"alpha: {', '.join(f'{a:g}' for a in alphas)}", f"dtype: {dtype}"]
     for key in sorted(metadata):

@@ -329,6 +329,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             writer.close()
 
     # 7. the finished LoRA
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if config.sample_prompts and (not config.sample_every_n_steps or step % config.sample_every_n_steps):
             result.samples += _samples(backbone, config, step, out_dir, bus, writer=None, accelerator=accelerator, models=models)
