@@ -98,6 +98,30 @@ class TrainConfig:
     log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000)
 
 
+@dataclass
+class CaptionConfig:
+    """How to caption a folder with BLIP."""
+
+    model: str = _field("Salesforce/blip-image-captioning-base", "BLIP model: a local folder, or a Hugging Face id found in the local cache (base or -large).", group="caption")
+    output: str = _field("txt", "Where captions go: a .txt file beside each image, metadata.csv (file_name,text) or metadata.jsonl.", group="caption", choices=("txt", "csv", "jsonl"))
+    caption_extension: str = _field(".txt", "Extension of the caption files written beside the images (output: txt).", group="caption")
+    existing: str = _field("keep", "Images that already have a caption: keep it (skip them), overwrite it, or append the new caption to it.", group="caption", choices=("keep", "overwrite", "append"))
+    prefix: str = _field("", "Text put in front of every caption, e.g. your trigger word.", group="caption")
+    suffix: str = _field("", "Text put at the end of every caption.", group="caption")
+    prompt: str = _field("", "Conditional start that BLIP continues, e.g. 'a painting of'.", group="caption")
+    min_length: int = _field(5, "Fewest new tokens per caption.", group="caption", min=0, max=200)
+    max_length: int = _field(30, "Most new tokens per caption.", group="caption", min=1, max=300)
+    num_beams: int = _field(3, "Beam search width (1 = greedy; more is slower and a little better).", group="caption", min=1, max=16)
+    sampling: bool = _field(False, "Sample words instead of searching for the likeliest caption (more varied captions).", group="caption")
+    top_p: float = _field(0.9, "With sampling: keep the smallest set of words whose probability adds up to this.", group="caption", min=0.0, max=1.0)
+    batch_size: int = _field(32, "Images per batch on the GPU.", group="caption", min=1, max=1024)
+    workers: int = _field(0, "Threads decoding images while the GPU works (0 = automatic).", group="caption", min=0, max=64)
+    device: str = _field("auto", "Where to run BLIP: auto, cpu, cuda, cuda:N or mps.", group="caption")
+    dtype: str = _field("auto", "Precision: auto is bf16/fp16 on a GPU and fp32 on the CPU.", group="caption", choices=("auto", "fp32", "fp16", "bf16"))
+    seed: int = _field(0, "Seed for sampling.", group="caption", min=0, max=2**32 - 1)
+    allow_pickle: bool = _field(False, "Allow a BLIP folder with pytorch_model.bin (pickle) weights.", group="caption")
+
+
 # The lora-scripts article's and kohya's names for the same keys.
 ALIASES = {
     "pretrained_model_name_or_path": "base_model",
@@ -135,18 +159,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_fields() -> list[dataclasses.Field]:
-    """The config's fields in declaration order (the source for every form and flag)."""
-    return list(dataclasses.fields(TrainConfig))
+def config_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
+    """A config's fields in declaration order (the source for every form and flag)."""
+    return list(dataclasses.fields(cls))
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(cls: type, name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, checking choices and bounds."""
-    f = _FIELDS[name]
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
     meta = f.metadata
     kind = _TYPES[f.type]
     if value is None:
@@ -200,20 +223,22 @@ def _describe_type(f: dataclasses.Field) -> str:
             "list": "a list of text lines"}[f.type]
 
 
-def make_config(values: dict[str, Any]) -> TrainConfig:
+def make_config(values: dict[str, Any], cls: type = TrainConfig) -> Any:
     """Build a config from a mapping, accepting aliases and refusing unknown keys by name."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    aliases = ALIASES if cls is TrainConfig else {}
     clean: dict[str, Any] = {}
     for key, value in values.items():
         key = str(key)  # YAML reads keys such as `on:` or `1:` as booleans or numbers
-        name = ALIASES.get(key, key)
-        if key in ALIASES and name is None:
+        name = aliases.get(key, key)
+        if key in aliases and name is None:
             continue  # kohya keys with no meaning here (e.g. save_model_as) are accepted and ignored
-        if name not in _FIELDS:
-            close = [n for n in _FIELDS if n.startswith(key[:4])][:3]
+        if name not in names:
+            close = [n for n in names if n.startswith(key[:4])][:3]
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown config key '{key}'.{hint} 'train --help-config' lists every key.")
-        clean[name] = _coerce(name, value)
-    return TrainConfig(**clean)
+        clean[name] = _coerce(cls, name, value)
+    return cls(**clean)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -283,10 +308,10 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
 
 
-def markdown_table() -> str:
-    """Every key as a Markdown table (the README's reference section is generated from this)."""
+def markdown_table(cls: type = TrainConfig) -> str:
+    """Every key as a Markdown table (the README's reference sections are generated from this)."""
     rows = ["| key | default | allowed | what it does |", "| --- | --- | --- | --- |"]
-    for f in config_fields():
+    for f in config_fields(cls):
         meta = f.metadata
         if meta["preset"]:
             values = {family: PRESETS[family][f.name] for family in FAMILIES}

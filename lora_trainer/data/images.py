@@ -314,3 +314,22 @@ def _with_trigger(caption: str, trigger_word: str) -> str:
     if trigger.casefold() in tags:
         return caption
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (sorted), the ones training and captioning look at."""
+    root = Path(folder).expanduser().absolute()
+    if not root.is_dir():
+        raise DatasetError(f"Image folder {root} does not exist or is not a folder. Check the path and try again.")
+    return sorted(path for path, _ in _find_images(root, 1))
+
+
+def current_captions(folder: str | Path, images: list[Path], caption_extension: str = ".txt") -> dict[Path, str]:
+    """The caption each image has now (sidecar file first, then metadata.csv/jsonl); uncaptioned ones are absent."""
+    metadata = _read_metadata(Path(folder).expanduser().absolute())
+    found = {}
+    for path in images:
+        caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
+        if caption:
+            found[path] = caption
+    return found

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lora_trainer import __version__
-from lora_trainer.config import load_config, markdown_table, resolve, to_yaml
+from lora_trainer.config import CaptionConfig, config_fields, load_config, make_config, markdown_table, resolve, to_yaml
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.events import Event
 
@@ -28,10 +28,12 @@ class ProgressBar:
 
         if event.kind == "progress":
             phase = event.data.get("phase", "training")
+            if "images_per_second" in event.data and self.bar is not None:
+                self.bar.set_postfix(images_per_s=f"{event.data['images_per_second']:.1f}")
             if phase != self.phase:
                 self.close()
                 self.phase = phase
-                self.bar = tqdm(total=event.total, desc=phase, unit="img" if phase == "caching" else "step",
+                self.bar = tqdm(total=event.total, desc=phase, unit="step" if phase == "training" else "img",
                                 dynamic_ncols=True)
             self.bar.n = event.step
             self.bar.refresh()
@@ -94,6 +96,70 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a config dataclass, with its help, type and choices (defaults stay in the config)."""
+    kinds = {"str": str, "int": int, "float": float}
+    for f in config_fields(cls):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=kinds[f.type], choices=meta["choices"], default=None,
+                                help=f"{meta['help']} (default: {f.default})")
+
+
+def _config_from_flags(args: argparse.Namespace, cls: type):
+    """The config dataclass from the flags that were given."""
+    return make_config({f.name: getattr(args, f.name) for f in config_fields(cls) if getattr(args, f.name) is not None}, cls)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    """`caption DIR`: write BLIP captions for the images of a folder."""
+    from lora_trainer.caption import caption_folder
+
+    if args.overwrite or args.append:
+        args.existing = "overwrite" if args.overwrite else "append"
+    config = _config_from_flags(args, CaptionConfig)
+    bar = ProgressBar()
+    result = caption_folder(args.folder, config, listeners=[bar])
+    bar.close()
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}")
+    print(f"{len(result.captioned)} captioned ({result.images_per_second:.1f} images/s), {len(result.kept)} kept "
+          f"their caption, {len(result.skipped)} skipped.")
+    return 130 if result.interrupted else 0
+
+
+def _captions(args: argparse.Namespace) -> int:
+    """`captions DIR`: review captions: list them, show tag counts, edit one, find/replace."""
+    from lora_trainer.caption import edit_caption, list_captions, replace_in_captions, tag_table
+
+    if args.edit:
+        edit_caption(args.folder, args.edit[0], args.edit[1], args.caption_extension)
+        print(f"caption of {args.edit[0]} set")
+    elif args.replace:
+        count = replace_in_captions(args.folder, args.replace[0], args.replace[1], regex=args.regex,
+                                    caption_extension=args.caption_extension)
+        print(f"{count} captions changed")
+    elif args.tags:
+        for tag, count in tag_table(args.folder, args.caption_extension):
+            print(f"{count:6d}  {tag}")
+    else:
+        for image, caption in list_captions(args.folder, args.caption_extension):
+            print(f"{image}\t{caption or '(no caption)'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """`bench caption`: time the captioner against a plain generate loop."""
+    from lora_trainer.bench import bench_caption
+
+    bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
+                  num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     """`inspect FILE`: print a LoRA's family, rank, alpha, modules and metadata."""
     from lora_trainer.lora.kohya import describe
@@ -125,6 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="Print the resolved config (presets filled in) and exit.")
     train.add_argument("--help-config", action="store_true", help="List every config key with its default and range.")
     train.set_defaults(run=_train)
+
+    caption = commands.add_parser("caption", help="Caption a folder of images with BLIP.")
+    caption.add_argument("folder", type=Path)
+    add_config_flags(caption, CaptionConfig)
+    caption.add_argument("--overwrite", action="store_true", help="Same as --existing overwrite.")
+    caption.add_argument("--append", action="store_true", help="Same as --existing append.")
+    caption.set_defaults(run=_caption)
+
+    captions = commands.add_parser("captions", help="Review a folder's captions: list, tag counts, edit, find/replace.")
+    captions.add_argument("folder", type=Path)
+    captions.add_argument("--tags", action="store_true", help="Show how often each tag is used.")
+    captions.add_argument("--edit", nargs=2, metavar=("IMAGE", "TEXT"), help="Set one image's caption.")
+    captions.add_argument("--replace", nargs=2, metavar=("FIND", "REPLACE"), help="Find/replace in every caption.")
+    captions.add_argument("--regex", action="store_true", help="FIND is a regular expression.")
+    captions.add_argument("--caption-extension", default=".txt", help="Extension of caption files (default .txt).")
+    captions.set_defaults(run=_captions)
+
+    bench = commands.add_parser("bench", help="Benchmarks (random-weight models of real shapes; use a GPU).")
+    bench.add_argument("what", choices=["caption"])
+    bench.add_argument("--size", choices=["tiny", "base", "large"], default="base", help="BLIP size (tiny for CPUs).")
+    bench.add_argument("--images", type=int, default=512)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--plain-images", type=int, default=64, help="Images for the plain one-at-a-time loop.")
+    bench.add_argument("--num-beams", type=int, default=1)
+    bench.add_argument("--max-length", type=int, default=20, help="New tokens per caption.")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
+    bench.set_defaults(run=_bench)
 
     inspect = commands.add_parser("inspect", help="Show what is inside a LoRA file.")
     inspect.add_argument("file", type=Path)
