@@ -13,6 +13,7 @@ from lora_trainer.backbones.checkpoint import UNET_PREFIX, read_checkpoint
 from lora_trainer.backbones.ldm import unet_to_ldm
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import tiny_state_dict
+from lora_trainer.errors import ConfigError
 from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.lora.kohya import lora_modules, read_lora_file
 from lora_trainer.train.events import CancelToken
@@ -181,29 +182,31 @@ def test_interrupt_then_resume_gives_the_same_lora_as_one_run(sd1_checkpoint, da
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_host_unet_is_shared_not_copied_and_left_bit_identical(dataset, tmp_path):
+def test_host_unet_is_shared_not_copied_and_left_bit_identical(sd1_checkpoint, dataset, tmp_path):
     """A host's in-memory LDM UNet becomes the trainable skeleton without a copy, and is untouched after
     training, after a failure and after a cancel."""
-    from lora_trainer.backbones import ldm
-    from lora_trainer.backbones.sd import default_tokenizers
+    from lora_trainer.backbones.host import HostBackbone
 
     checkpoint = tiny_state_dict("sd1")
     host_unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
     snapshot = {k: v.clone() for k, v in host_unet.items()}
+    host_encoders = DiffusionBackbone.from_file(sd1_checkpoint)  # stands in for the host's own VAE and text encoder
 
     def backbone():
-        unet = ldm.unet_from_ldm(host_unet, "sd1")
-        return DiffusionBackbone("sd1", unet, ldm.vae_from_ldm(checkpoint, "sd1"), [ldm.clip_from_ldm(checkpoint, "sd1")],
-                                 default_tokenizers("sd1"), name="host")
+        return HostBackbone.from_ldm_unet(host_unet, "sd1", encode_images=host_encoders.encode_images,
+                                          encode_prompts=host_encoders.encode_prompts, name="host")
 
     model = backbone()
     host_ptrs = {v.data_ptr() for v in host_unet.values()}
     assert all(p.data_ptr() in host_ptrs for p in model.unet.parameters())
     assert len(list(model.unet.parameters())) == len(host_unet)
 
-    config = quick_config("", dataset, tmp_path / "ok", base_model="")
-    train_lora(config, backbone=model)
+    config = quick_config("", dataset, tmp_path / "ok", base_model="", sample_prompts=["a cat"])
+    result = train_lora(config, backbone=model)
     assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)
+    assert read_lora_file(result.lora_file)[1]["ss_sd_model_name"] == "host"
+    with pytest.raises(ConfigError, match="train_text_encoder"):
+        train_lora(quick_config("", dataset, tmp_path / "te", base_model="", train_text_encoder=True), backbone=backbone())
 
     failing = backbone()
     calls = {"n": 0}

@@ -119,6 +119,11 @@ class DiffusionBackbone:
 
     # -- what the training loop calls -------------------------------------------------------------
 
+    @property
+    def can_render(self) -> bool:
+        """Whether preview images can be made from this backbone's own modules."""
+        return self.vae is not None and bool(self.text_encoders)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents of images in [-1, 1] (B, 3, H, W), already multiplied by the VAE's scaling factor."""
         vae = self.vae

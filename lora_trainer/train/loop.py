@@ -23,7 +23,7 @@ from lora_trainer.backbones.sd import DiffusionBackbone, family_of
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.data import process_caption, scan_dataset, tag_frequency
 from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
-from lora_trainer.errors import TrainingError
+from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.lora.inject import add_lora, fill_lora, read_init_lora
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
@@ -125,14 +125,19 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         backbone = DiffusionBackbone.from_file(config.base_model, family=config.family,
                                                prediction_type=config.prediction_type,
                                                allow_pickle=config.allow_pickle, clip_skip=config.clip_skip)
-    _place(backbone.vae, device, torch.float32)
+    if config.train_text_encoder and not backbone.text_encoders:
+        raise ConfigError("This model's text encoder cannot be trained here (the host encodes captions itself); "
+                          "set train_text_encoder: false.")
+    if backbone.vae is not None:
+        _place(backbone.vae, device, torch.float32)
     buckets = assign_buckets(scan.items, config.resolution, config.enable_buckets,
                              config.min_bucket_reso, config.max_bucket_reso)
     cache_file = out_dir / "cache" / "latents.safetensors" if config.cache_latents_to_disk else None
     cache = encode_dataset(scan.items, buckets, backbone.encode_images, flip=config.flip_aug, cache_file=cache_file,
                            model_id=f"{config.base_model}|{_model_stamp(config.base_model)}",
                            on_progress=lambda done, total: bus.emit("progress", done, total, phase="caching"))
-    backbone.vae.to("cpu")
+    if backbone.vae is not None:
+        backbone.vae.to("cpu")
     for entry in cache:  # a few KiB per image: keep them on the GPU so steps never wait for copies
         entry.latents = entry.latents.to(device, weight_dtype)
         if entry.latents_flipped is not None:
@@ -306,7 +311,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
                                       (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):
                 save("periodic")
-            if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+            if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
+                    and backbone.can_render:
                 result.samples += _samples(backbone, config, step, out_dir, bus, writer, accelerator, models)
     except KeyboardInterrupt:
         if step > 0:
@@ -331,7 +337,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     # 7. the finished LoRA
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if config.sample_prompts and (not config.sample_every_n_steps or step % config.sample_every_n_steps):
+        if config.sample_prompts and (not config.sample_every_n_steps or step % config.sample_every_n_steps) \
+                and backbone.can_render:
             result.samples += _samples(backbone, config, step, out_dir, bus, writer=None, accelerator=accelerator, models=models)
         result.lora_file = checkpoints.save_final(out_dir, config, family, backbone, trained, step, epochs, meta)
         bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
