@@ -1,0 +1,346 @@
+"""ComfyUI node pack: caption a folder, make a dataset, train a LoRA on the graph's MODEL/CLIP/VAE, test it.
+
+The nodes are thin: they turn ComfyUI's objects into the engine's (a HostBackbone sharing the loaded
+UNet, the graph's own VAE and CLIP for encoding) and the engine's events into ComfyUI's progress bar
+and interrupt. ComfyUI modules are imported inside the functions, so this file imports anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from lora_trainer.config import CaptionConfig, TrainConfig, config_fields, make_config, safe_name
+from lora_trainer.errors import HostError
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "LoRA Trainer"
+DATASET = "LORA_TRAINER_DATASET"
+FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+TRAIN_WIDGETS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "lora_targets", "optimizer",
+                 "lr_scheduler", "seed", "save_every_n_steps")
+DATASET_WIDGETS = ("resolution", "enable_buckets", "repeats", "trigger_word", "shuffle_captions", "keep_tokens",
+                   "caption_dropout", "flip_aug")
+AUTO = 0  # a 0 in an INT widget of a preset key means "the model family's preset"
+
+
+def _widget(cls: type, name: str, default=None) -> tuple:
+    """A ComfyUI input spec generated from a config field: its type, bounds, default and tooltip."""
+    f = next(f for f in config_fields(cls) if f.name == name)
+    meta = f.metadata
+    options = {"tooltip": meta["help"]}
+    value = f.default if default is None else default
+    if meta["choices"]:
+        return (list(meta["choices"]), {**options, "default": value})
+    if f.type == "bool":
+        return ("BOOLEAN", {**options, "default": value})
+    if f.type == "str":
+        return ("STRING", {**options, "default": value})
+    kind = "INT" if f.type == "int" else "FLOAT"
+    low = AUTO if meta["preset"] and kind == "INT" else meta["min"]
+    if meta["preset"] and kind == "INT":
+        options["tooltip"] += " 0 = the model family's preset."
+    spec = {**options, "default": value if value is not None else AUTO, "min": low, "max": meta["max"]}
+    if kind == "FLOAT":
+        spec["step"] = 1e-5 if name.endswith("learning_rate") else 0.01
+    return (kind, spec)
+
+
+def _values(names: tuple[str, ...], given: dict) -> dict:
+    """Widget values as config values (a 0 in a preset key means 'not set')."""
+    fields = {f.name: f for f in config_fields(TrainConfig)}
+    return {k: v for k, v in given.items() if k in names and not (fields[k].metadata["preset"] and v == AUTO)}
+
+
+class CaptionFolder:
+    """Caption every image of a folder with BLIP (keeps existing captions unless told otherwise)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "caption"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("INT", "STRING")
+    RETURN_NAMES = ("captioned", "preview")
+    DESCRIPTION = "Writes a BLIP caption beside each image of the folder (or into metadata.csv/jsonl)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"folder": ("STRING", {"default": "", "tooltip": "Folder of training images."}),
+                             "prefix": _widget(CaptionConfig, "prefix"),
+                             "existing": _widget(CaptionConfig, "existing"),
+                             "output": _widget(CaptionConfig, "output"),
+                             "model": _widget(CaptionConfig, "model")},
+                "optional": {"prompt": _widget(CaptionConfig, "prompt"),
+                             "num_beams": _widget(CaptionConfig, "num_beams"),
+                             "batch_size": _widget(CaptionConfig, "batch_size")}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_) -> float:
+        """Never served from ComfyUI's cache: the captions on disk change under it."""
+        return float("nan")
+
+    def caption(self, folder: str, **options) -> tuple[int, str]:
+        import comfy.utils
+
+        from lora_trainer.caption import caption_folder, list_captions
+
+        config = make_config(options, CaptionConfig)
+        bar = comfy.utils.ProgressBar(1)
+        result = caption_folder(folder, config, listeners=[lambda e: e.kind == "progress" and
+                                                           bar.update_absolute(e.step, e.total)])
+        preview = "\n".join(f"{p.name}: {c}" for p, c in list_captions(folder, config.caption_extension)[:20])
+        return len(result.captioned), preview
+
+
+class DatasetFromFolder:
+    """A training set from a folder of images with captions (sidecars, metadata files, N_name folders)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    DESCRIPTION = "Checks the folder (lists unusable images) and passes it to Train LoRA."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required = {"folder": ("STRING", {"default": "", "tooltip": "Folder of training images with captions."})}
+        required.update({name: _widget(TrainConfig, name) for name in DATASET_WIDGETS})
+        return {"required": required}
+
+    def make(self, folder: str, **options) -> tuple[dict]:
+        from lora_trainer.data import scan_dataset
+
+        values = {"train_data_dir": folder, **_values(DATASET_WIDGETS, options)}
+        make_config(values)  # refuses bad values with the key's name
+        scan = scan_dataset(folder, trigger_word=values.get("trigger_word", ""), missing_caption="trigger")
+        log.info("LoRA Trainer dataset: %s", scan.summary())
+        return (values,)
+
+
+class DatasetFromImages:
+    """A training set from an IMAGE batch and its captions (one per line, or one for all)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    DESCRIPTION = "Lets ComfyUI's own image nodes feed Train LoRA."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required = {"images": ("IMAGE",),
+                    "captions": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "One caption per image, one per line (a single line is used for all)."})}
+        required.update({name: _widget(TrainConfig, name) for name in DATASET_WIDGETS})
+        return {"required": required}
+
+    def make(self, images: torch.Tensor, captions: str, **options) -> tuple[dict]:
+        import folder_paths
+
+        lines = [line.strip() for line in captions.splitlines() if line.strip()]
+        if len(lines) not in (0, 1, len(images)):
+            raise HostError(f"{len(images)} images but {len(lines)} caption lines: give one per image, or one for all.")
+        folder = Path(tempfile.mkdtemp(prefix="lora_trainer_images_", dir=folder_paths.get_temp_directory()))
+        for i, image in enumerate(images):
+            array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(folder / f"{i:05d}.png")
+            text = lines[i] if len(lines) == len(images) else (lines[0] if lines else "")
+            (folder / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+        return ({"train_data_dir": str(folder), **_values(DATASET_WIDGETS, options)},)
+
+
+def comfy_backbone(model, clip, vae):
+    """A HostBackbone over the graph's model: its UNet weights without any LoRA patches, its VAE and CLIP."""
+    import comfy.model_management as mm
+
+    from lora_trainer.backbones.host import HostBackbone
+
+    family = FAMILIES.get(type(model.model.model_config).__name__)
+    if family is None:
+        raise HostError(f"This model is {type(model.model.model_config).__name__}; LoRA Trainer trains SD1.x, "
+                        "SD2.x and SDXL models.")
+    mm.unload_all_models()  # undoes any LoRA that ComfyUI patched into the shared weights
+    unet_sd = {k: v.clone() if v.is_inference() else v for k, v in model.model.diffusion_model.state_dict().items()}
+    latent_format = model.model.latent_format
+    prediction = "v_prediction" if "V_PREDICTION" in model.model.model_type.name else "epsilon"
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        latents = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
+        return latent_format.process_in(latents).clone()
+
+    def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], []
+        for prompt in prompts:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+            hidden.append(cond[:, :77].clone())  # captions longer than one 77-token chunk keep their first chunk
+            pooled.append(pool.clone())
+        out = {"hidden": torch.cat(hidden)}
+        if family == "sdxl":
+            out["pooled"] = torch.cat(pooled)
+        return out
+
+    pooled_dim = encode_prompts([""]).get("pooled", torch.zeros(1, 0)).shape[1] if family == "sdxl" else None
+    return HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
+                                      pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model")
+
+
+def publish(lora_file: Path, name: str) -> Path:
+    """Copy a finished LoRA into ComfyUI's loras folder atomically; returns its new path."""
+    import folder_paths
+
+    target_dir = Path(folder_paths.get_folder_paths("loras")[0])
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{safe_name(name)}.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target_dir)
+    os.close(fd)
+    try:
+        shutil.copyfile(lora_file, tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+class TrainLora:
+    """Train a LoRA on the graph's MODEL/CLIP/VAE and return them with the new LoRA applied."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_plot")
+    DESCRIPTION = "Trains in this ComfyUI, saves into models/loras (kohya format, with metadata) and applies it."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required = {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "dataset": (DATASET,),
+                    "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name in models/loras."})}
+        required.update({name: _widget(TrainConfig, name, default=300 if name == "max_steps" else None)
+                         for name in TRAIN_WIDGETS})
+        return {"required": required,
+                "optional": {"advanced": ("STRING", {"multiline": True, "default": "",
+                                                     "tooltip": "More settings as YAML key: value lines (any train key)."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_) -> float:
+        """Never served from ComfyUI's cache: queuing the graph again trains again."""
+        return float("nan")
+
+    def train(self, model, clip, vae, dataset: dict, output_name: str, advanced: str = "", **options):
+        import comfy.model_management as mm
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+
+        from lora_trainer.train.events import CancelToken
+        from lora_trainer.train.loop import train_lora
+        from lora_trainer.train.plot import loss_plot
+
+        extra = yaml.safe_load(advanced) if advanced.strip() else {}
+        if not isinstance(extra, dict):
+            raise HostError("'advanced' must be YAML lines of key: value.")
+        name = safe_name(output_name)
+        values = {**dataset, **_values(TRAIN_WIDGETS, options), **extra, "output_name": name,
+                  "output_dir": str(Path(folder_paths.get_output_directory()) / "lora_trainer" / name)}
+        values.setdefault("sample_prompts", [])
+        config = make_config(values)
+        cancel = CancelToken()
+        bar = comfy.utils.ProgressBar(max(config.max_steps, 1))
+
+        def on_event(event) -> None:
+            if event.kind == "progress" and "phase" not in event.data:
+                bar.update_absolute(event.step, event.total)
+            if mm.processing_interrupted():
+                cancel.set()
+
+        # ComfyUI runs nodes under inference_mode; training needs autograd back, on clones of its tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            backbone = comfy_backbone(model, clip, vae)
+            result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
+        if result.interrupted:
+            if result.lora_file:
+                saved = publish(result.lora_file, f"{name}-step{result.steps:08d}")
+                log.info("LoRA Trainer: interrupted; the LoRA so far is %s", saved)
+            mm.throw_exception_if_processing_interrupted()
+        target = publish(result.lora_file, name)
+        lora = comfy.utils.load_torch_file(str(target), safe_load=True)
+        model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+        plot = torch.from_numpy(np.asarray(loss_plot(result.losses), dtype=np.float32) / 255.0)[None]
+        return model_lora, clip_lora, target.name, plot
+
+
+class TestLoraGrid:
+    """Render one prompt with a LoRA at several strengths, side by side, with ComfyUI's own sampler."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "render"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    DESCRIPTION = "Same seed, same prompt, one image per LoRA strength."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        import folder_paths
+
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "A LoRA from models/loras."}),
+            "prompt": ("STRING", {"multiline": True, "default": ""}),
+            "negative": ("STRING", {"multiline": True, "default": ""}),
+            "strengths": ("STRING", {"default": "0, 0.5, 1", "tooltip": "Comma-separated LoRA strengths."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+        }}
+
+    def render(self, model, clip, vae, lora_name: str, prompt: str, negative: str, strengths: str, seed: int,
+               steps: int, cfg: float, width: int, height: int) -> tuple[torch.Tensor]:
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        import nodes
+
+        try:
+            weights = [float(w) for w in strengths.replace(";", ",").split(",") if w.strip()]
+        except ValueError:
+            raise HostError(f"strengths must be numbers separated by commas, got {strengths!r}.") from None
+        if not weights or any(not math.isfinite(w) for w in weights):
+            raise HostError("Give at least one LoRA strength, e.g. 0, 0.5, 1.")
+        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]
+        images = []
+        for weight in weights:
+            patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, weight, weight)
+            positive = nodes.CLIPTextEncode().encode(patched_clip, prompt)[0]
+            negative_cond = nodes.CLIPTextEncode().encode(patched_clip, negative)[0]
+            samples = nodes.common_ksampler(patched_model, seed, steps, cfg, "euler", "normal", positive,
+                                            negative_cond, latent)[0]
+            images.append(nodes.VAEDecode().decode(vae, samples)[0])
+        return (torch.cat(images, dim=2),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoraTrainerCaptionFolder": CaptionFolder,
+    "LoraTrainerDatasetFromFolder": DatasetFromFolder,
+    "LoraTrainerDatasetFromImages": DatasetFromImages,
+    "LoraTrainerTrainLora": TrainLora,
+    "LoraTrainerTestLoraGrid": TestLoraGrid,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraTrainerCaptionFolder": "Caption Folder (BLIP)",
+    "LoraTrainerDatasetFromFolder": "LoRA Dataset from Folder",
+    "LoraTrainerDatasetFromImages": "LoRA Dataset from Images",
+    "LoraTrainerTrainLora": "Train LoRA (LoRA Trainer)",
+    "LoraTrainerTestLoraGrid": "Test LoRA Grid",
+}
