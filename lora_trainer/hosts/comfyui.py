@@ -31,7 +31,7 @@ TRAIN_WIDGETS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "batch
                  "lr_scheduler", "seed", "save_every_n_steps")
 DATASET_WIDGETS = ("resolution", "enable_buckets", "repeats", "trigger_word", "shuffle_captions", "keep_tokens",
                    "caption_dropout", "flip_aug")
-AUTO = 0  # a 0 in an INT widget of a preset key means "the model family's preset"
+AUTO = 0  # a 0 in a number widget of a preset key means "the model family's preset"
 
 
 def _widget(cls: type, name: str, default=None) -> tuple:
@@ -47,8 +47,8 @@ def _widget(cls: type, name: str, default=None) -> tuple:
     if f.type == "str":
         return ("STRING", {**options, "default": value})
     kind = "INT" if f.type == "int" else "FLOAT"
-    low = AUTO if meta["preset"] and kind == "INT" else meta["min"]
-    if meta["preset"] and kind == "INT":
+    low = AUTO if meta["preset"] else meta["min"]
+    if meta["preset"]:
         options["tooltip"] += " 0 = the model family's preset."
     spec = {**options, "default": value if value is not None else AUTO, "min": low, "max": meta["max"]}
     if kind == "FLOAT":
@@ -57,7 +57,7 @@ def _widget(cls: type, name: str, default=None) -> tuple:
 
 
 def _values(names: tuple[str, ...], given: dict) -> dict:
-    """Widget values as config values (a 0 in a preset key means 'not set')."""
+    """Widget values as config values (a 0 in a preset number key means 'not set')."""
     fields = {f.name: f for f in config_fields(TrainConfig)}
     return {k: v for k, v in given.items() if k in names and not (fields[k].metadata["preset"] and v == AUTO)}
 
