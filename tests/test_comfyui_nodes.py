@@ -43,6 +43,7 @@ def comfy(tmp_path, monkeypatch, sd1_checkpoint):
             raise Interrupted
 
     mm.throw_exception_if_processing_interrupted = throw
+    mm.InterruptProcessingException = Interrupted
     utils = types.ModuleType("comfy.utils")
 
     class ProgressBar:

@@ -257,10 +257,13 @@ class TrainLora:
         bar = comfy.utils.ProgressBar(max(config.max_steps, 1))
 
         def on_event(event) -> None:
-            if event.kind == "progress" and "phase" not in event.data:
-                bar.update_absolute(event.step, event.total)
             if mm.processing_interrupted():
                 cancel.set()
+            elif event.kind == "progress" and "phase" not in event.data:
+                try:
+                    bar.update_absolute(event.step, event.total)
+                except mm.InterruptProcessingException:  # the server's progress hook checks for Cancel too
+                    cancel.set()
 
         # ComfyUI runs nodes under inference_mode; training needs autograd back, on clones of its tensors
         with torch.inference_mode(False), torch.enable_grad():
@@ -270,7 +273,7 @@ class TrainLora:
             if result.lora_file:
                 saved = publish(result.lora_file, f"{name}-step{result.steps:08d}")
                 log.info("LoRA Trainer: interrupted; the LoRA so far is %s", saved)
-            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException()  # ComfyUI then reports the run as interrupted
         target = publish(result.lora_file, name)
         lora = comfy.utils.load_torch_file(str(target), safe_load=True)
         model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)

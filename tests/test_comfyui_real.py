@@ -1,0 +1,184 @@
+"""The node pack inside a real ComfyUI, started offline on the CPU; skipped unless COMFYUI_PATH is set.
+
+COMFYUI_PATH points at a ComfyUI checkout; COMFYUI_PYTHON at the Python that runs it (with this
+project's requirements installed), default: the one running the tests. The server gets its own base
+directory (models, custom_nodes, input, output) in a temp folder and listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_dataset
+from PIL import Image
+
+from lora_trainer.backbones.tiny import build_tiny_checkpoint
+from lora_trainer.lora.kohya import read_lora_file
+
+COMFY = os.environ.get("COMFYUI_PATH")
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
+LINK_FREE = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+class Server:
+    """A running ComfyUI and the paths of its base directory."""
+
+    def __init__(self, base: Path, port: int, log: Path, process: subprocess.Popen) -> None:
+        self.base, self.port, self.log, self.process = base, port, log, process
+
+    def call(self, path: str, payload: dict | None = None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def run(self, graph: dict, timeout: float = 600) -> dict:
+        """Queue an API-format graph and wait for its history entry."""
+        prompt_id = self.call("/prompt", {"prompt": graph, "client_id": "lora-trainer-tests"})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.call(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not finish in {timeout} s; log: {self.log}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "lora_trainer").symlink_to(ROOT, target_is_directory=True)
+    build_tiny_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors", "sd1-host")
+    make_dataset(base / "input" / "lora_data", count=4)
+    port, log = _free_port(), base / "comfyui.log"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    with open(log, "w") as out:
+        process = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                    "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"],
+                                   cwd=COMFY, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(base, port, log, process)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                server.info = server.call("/object_info")
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ComfyUI did not start:\n{log.read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def to_api(workflow: dict, info: dict) -> dict:
+    """A saved UI workflow as the API graph /prompt takes, using the inputs' order from /object_info."""
+    links = {link[0]: link for link in workflow["links"]}
+    graph = {}
+    for node in workflow["nodes"]:
+        spec = info[node["type"]]["input"]
+        ordered = list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items())
+        inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]]
+                  for i in node["inputs"] if i.get("link") is not None}
+        values = iter(node.get("widgets_values", []))
+        for name, input_spec in ordered:
+            kind = input_spec[0]
+            if name in inputs or (isinstance(kind, str) and kind not in LINK_FREE):
+                continue
+            inputs[name] = next(values)
+            if len(input_spec) > 1 and input_spec[1].get("control_after_generate"):
+                next(values)
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return graph
+
+
+def _training_graph(server: Server, name: str, steps: int, advanced: str = "") -> dict:
+    workflow = json.loads((ROOT / "example_workflows" / "train_lora_from_folder.json").read_text())
+    graph = to_api(workflow, server.info)
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    graph["2"]["inputs"].update(folder=str(server.base / "input" / "lora_data"), resolution=64)
+    graph["3"]["inputs"].update(output_name=name, max_steps=steps, advanced=f"log_every_n_steps: 1\n{advanced}")
+    graph["7"]["inputs"].update(width=64, height=64)
+    graph["8"]["inputs"]["steps"] = 2
+    return graph
+
+
+def test_nodes_are_registered(server):
+    for node_id in ("LoraTrainerCaptionFolder", "LoraTrainerDatasetFromFolder", "LoraTrainerDatasetFromImages",
+                    "LoraTrainerTrainLora", "LoraTrainerTestLoraGrid"):
+        assert server.info[node_id]["category"] == "LoRA Trainer"
+
+
+def test_example_workflow_trains_saves_and_samples_with_the_lora(server):
+    result = server.run(_training_graph(server, "comfy_test", steps=6, advanced="learning_rate: 0.01"))
+    assert result["status"]["status_str"] == "success", result["status"]
+    lora = server.base / "models" / "loras" / "comfy_test.safetensors"
+    _, metadata = read_lora_file(lora)
+    assert metadata["ss_steps"] == "6" and metadata["ss_base_model_version"] == "sd_v1"
+    assert list((server.base / "output").glob("lora_trainer_example*.png"))
+
+    grid = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+            "2": {"class_type": "LoraTrainerTestLoraGrid",
+                  "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_name": "comfy_test.safetensors",
+                             "prompt": "inkwash, mountains", "negative": "", "strengths": "0, 1", "seed": 3,
+                             "steps": 2, "cfg": 5.0, "width": 64, "height": 64}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "grid"}}}
+    result = server.run(grid)
+    assert result["status"]["status_str"] == "success", result["status"]
+    image = np.asarray(Image.open(next((server.base / "output").glob("grid*.png"))), dtype=np.int16)
+    base, with_lora = image[:, :64], image[:, 64:]
+    change = np.abs(base - with_lora).mean()
+    assert change > 0.5, change
+    assert "lora key not loaded" not in server.log.read_text()
+
+
+def test_interrupt_leaves_a_usable_partial_lora(server):
+    graph = _training_graph(server, "comfy_stop", steps=400, advanced="save_every_n_steps: 2")
+    prompt_id = server.call("/prompt", {"prompt": graph, "client_id": "lora-trainer-tests"})["prompt_id"]
+    checkpoints = server.base / "output" / "lora_trainer" / "comfy_stop" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("step-*")) and time.time() < deadline:
+        time.sleep(0.5)
+    server.call("/interrupt", {})
+    while prompt_id not in server.call(f"/history/{prompt_id}") and time.time() < deadline:
+        time.sleep(0.5)
+    status = server.call(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "error"
+    assert any(message[0] == "execution_interrupted" for message in status["messages"])
+    partial = list((server.base / "models" / "loras").glob("comfy_stop-step*.safetensors"))
+    assert len(partial) == 1
+    assert int(read_lora_file(partial[0])[1]["ss_steps"]) >= 2
+    assert not (server.base / "models" / "loras" / "comfy_stop.safetensors").exists()
+
+
+def test_requeuing_trains_again_and_the_same_seed_gives_the_same_lora(server):
+    lora = server.base / "models" / "loras" / "comfy_again.safetensors"
+    first = server.run(_training_graph(server, "comfy_again", steps=3))
+    assert first["status"]["status_str"] == "success"
+    one = read_lora_file(lora)
+    second = server.run(_training_graph(server, "comfy_again", steps=3))
+    assert second["status"]["status_str"] == "success"
+    two = read_lora_file(lora)
+    assert one[1]["ss_training_started_at"] != two[1]["ss_training_started_at"]  # it really ran again
+    assert all(np.array_equal(one[0][k].float().numpy(), two[0][k].float().numpy()) for k in one[0])
