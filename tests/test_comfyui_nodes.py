@@ -36,6 +36,7 @@ def comfy(tmp_path, monkeypatch, sd1_checkpoint):
 
     mm = types.ModuleType("comfy.model_management")
     mm.unload_all_models = lambda: state.__setitem__("unloads", state["unloads"] + 1)
+    mm.soft_empty_cache = lambda: None
     mm.processing_interrupted = lambda: state["interrupt_after"] is not None and state["step"] >= state["interrupt_after"]
 
     def throw():
@@ -127,7 +128,8 @@ def test_train_node_saves_into_loras_and_leaves_the_graphs_model_untouched(comfy
     assert model[0] == "patched" and model[2] == len(tensors) and clip[0] == "patched"
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and 0 <= float(plot.min()) <= float(plot.max()) <= 1
     assert all(torch.equal(comfy.host_unet[k], snapshot[k]) for k in snapshot)
-    assert comfy.state["unloads"] == 1 and comfy.state["progress"][-1] == (3, 3)
+    assert comfy.state["unloads"] == 2  # before taking the weights, and to free CLIP/VAE after encoding
+    assert comfy.state["progress"][-1] == (3, 3)
     assert not list(comfy.loras.glob(".*.tmp"))
     assert "ink wash.safetensors" in TestLoraGrid.INPUT_TYPES()["required"]["lora_name"][0]
 
@@ -160,3 +162,21 @@ def test_dataset_from_images_writes_captioned_pngs(comfy):
         DatasetFromImages().make(images, "one\ntwo\nthree", resolution=64, enable_buckets=True, repeats=1,
                                  trigger_word="", shuffle_captions=False, keep_tokens=1, caption_dropout=0.0,
                                  flip_aug=False)
+
+
+def test_caption_folder_node_writes_captions(comfy, tmp_path):
+    from conftest import make_dataset
+
+    from lora_trainer.caption.synthetic import random_blip
+    from lora_trainer.hosts.comfyui import CaptionFolder
+
+    model, processor = random_blip("tiny")
+    model.save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    folder = make_dataset(tmp_path / "imgs", count=3)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    count, preview = CaptionFolder().caption(str(folder), prefix="inkwash", existing="keep", output="txt",
+                                             model=str(tmp_path / "blip"), num_beams=1, batch_size=2)
+    assert count == 3 and preview.count("inkwash, ") == 3
+    assert CaptionFolder.IS_CHANGED() != CaptionFolder.IS_CHANGED()

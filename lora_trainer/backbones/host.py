@@ -22,13 +22,14 @@ class HostBackbone(DiffusionBackbone):
 
     image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True)
     prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = field(default=None, kw_only=True)
+    release: Callable[[], None] | None = field(default=None, kw_only=True)
 
     @classmethod
     def from_ldm_unet(cls, unet_state_dict: dict[str, torch.Tensor], family: str, *,
                       encode_images: Callable[[torch.Tensor], torch.Tensor],
                       encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
                       pooled_dim: int | None = None, prediction_type: str = "epsilon",
-                      name: str = "host model") -> HostBackbone:
+                      name: str = "host model", release: Callable[[], None] | None = None) -> HostBackbone:
         """Share a host's LDM UNet tensors (keys without 'model.diffusion_model.') and use its encoders.
 
         `encode_images` takes pixels in [-1, 1] (B, 3, H, W) and returns latents already scaled by the VAE
@@ -37,7 +38,12 @@ class HostBackbone(DiffusionBackbone):
         unet = ldm.unet_from_ldm(unet_state_dict, family, pooled_dim)
         return cls(family=family, unet=unet, vae=None, text_encoders=[], tokenizers=[],
                    prediction_type=prediction_type, name=name,
-                   image_encoder=encode_images, prompt_encoder=encode_prompts)
+                   image_encoder=encode_images, prompt_encoder=encode_prompts, release=release)
+
+    def offload_encoders(self) -> None:
+        """Let the host free its VAE and text encoder (`release`), once everything is encoded."""
+        if self.release is not None:
+            self.release()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents from the host's VAE."""

@@ -119,6 +119,11 @@ class DiffusionBackbone:
 
     # -- what the training loop calls -------------------------------------------------------------
 
+    def offload_encoders(self) -> None:
+        """Free the accelerator of the text encoders once captions are encoded (the VAE already left)."""
+        for encoder in self.text_encoders:
+            encoder.to("cpu")
+
     @property
     def can_render(self) -> bool:
         """Whether preview images can be made from this backbone's own modules."""

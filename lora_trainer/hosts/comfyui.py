@@ -189,8 +189,13 @@ def comfy_backbone(model, clip, vae):
         return out
 
     pooled_dim = encode_prompts([""]).get("pooled", torch.zeros(1, 0)).shape[1] if family == "sdxl" else None
+    def release() -> None:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
     return HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
-                                      pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model")
+                                      pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model",
+                                      release=release)
 
 
 def publish(lora_file: Path, name: str) -> Path:

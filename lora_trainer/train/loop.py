@@ -185,9 +185,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         with torch.no_grad():
             for caption in sorted({entry.item.caption for entry in cache}):
                 text_cache[caption] = {k: v[0] for k, v in backbone.encode_prompts([caption]).items()}
-        if not config.sample_prompts:
-            for encoder in backbone.text_encoders:
-                encoder.to("cpu")
+        if not config.sample_prompts or not backbone.can_render:
+            backbone.offload_encoders()
 
     # 5. plan, optimizer, schedule
     epochs = config.epochs
