@@ -28,8 +28,9 @@ class Interrupted(Exception):
 
 
 @pytest.fixture
-def comfy(tmp_path, monkeypatch, sd1_checkpoint):
-    """Fake ComfyUI modules plus a MODEL/CLIP/VAE trio over the tiny SD1.5 model."""
+def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
+    """Fake ComfyUI modules plus a MODEL/CLIP/VAE trio over a tiny model (SD1.5 unless parametrised)."""
+    family = getattr(request, "param", "sd1")
     state = {"interrupt_after": None, "step": 0, "unloads": 0, "progress": []}
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
@@ -70,17 +71,21 @@ def comfy(tmp_path, monkeypatch, sd1_checkpoint):
                          "folder_paths": folder_paths}.items():
         monkeypatch.setitem(sys.modules, name, module)
 
-    checkpoint = tiny_state_dict("sd1")
+    checkpoint = tiny_state_dict(family)
     host_unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
-    encoders = DiffusionBackbone.from_file(sd1_checkpoint)
-    sd15 = type("SD15", (), {})()
+    encoders = DiffusionBackbone.from_file(tiny_checkpoints[family])
+    config = type({"sd1": "SD15", "sdxl": "SDXL"}[family], (), {})()
+    scale = {"sd1": 0.18215, "sdxl": 0.13025}[family]
     model = types.SimpleNamespace(model=types.SimpleNamespace(
-        model_config=sd15, diffusion_model=types.SimpleNamespace(state_dict=lambda: host_unet),
-        latent_format=types.SimpleNamespace(process_in=lambda x: x * 0.18215),
+        model_config=config, diffusion_model=types.SimpleNamespace(state_dict=lambda: host_unet),
+        latent_format=types.SimpleNamespace(process_in=lambda x: x * scale),
         model_type=types.SimpleNamespace(name="EPS")))
-    clip = types.SimpleNamespace(
-        tokenize=lambda text: text,
-        encode_from_tokens=lambda tokens, return_pooled=False: (encoders.encode_prompts([tokens])["hidden"], torch.zeros(1, 64)))
+
+    def encode_from_tokens(tokens, return_pooled=False):
+        cond = encoders.encode_prompts([tokens])
+        return cond["hidden"], cond.get("pooled", torch.zeros(1, 64))
+
+    clip = types.SimpleNamespace(tokenize=lambda text: text, encode_from_tokens=encode_from_tokens)
     vae = types.SimpleNamespace(
         encode=lambda pixels: encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean)
     return types.SimpleNamespace(state=state, loras=loras, model=model, clip=clip, vae=vae, host_unet=host_unet)
@@ -180,3 +185,17 @@ def test_caption_folder_node_writes_captions(comfy, tmp_path):
                                              model=str(tmp_path / "blip"), num_beams=1, batch_size=2)
     assert count == 3 and preview.count("inkwash, ") == 3
     assert CaptionFolder.IS_CHANGED() != CaptionFolder.IS_CHANGED()
+
+
+@pytest.mark.parametrize("comfy", ["sdxl"], indirect=True)
+def test_train_node_trains_sdxl_with_the_graphs_pooled_text(comfy, dataset):
+    from lora_trainer.hosts.comfyui import TrainLora
+
+    TrainLora().train(comfy.model, comfy.clip, comfy.vae, {"train_data_dir": str(dataset), "resolution": 64}, "xl",
+                      max_steps=2, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, batch_size=0,
+                      lora_targets="attention", optimizer="adamw", lr_scheduler="constant", seed=1,
+                      save_every_n_steps=0, advanced="device: cpu")
+    tensors, metadata = read_lora_file(comfy.loras / "xl.safetensors")
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert all(k.startswith("lora_unet_") for k in tensors)
