@@ -298,3 +298,25 @@ def test_snr_matches_diffusers_compute_snr():
     scheduler = DDPMScheduler(**SCHEDULER)
     t = torch.tensor([0, 10, 500, 999])
     assert torch.allclose(_snr(scheduler.alphas_cumprod, t), training_utils.compute_snr(scheduler, t))
+
+
+def test_ctrl_c_between_accumulated_batches_resumes_exactly(sd1_checkpoint, dataset, tmp_path, monkeypatch):
+    options = {"max_steps": 5, "gradient_accumulation_steps": 2, "batch_size": 1}
+    whole = load_file(str(train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "a", **options)).lora_file))
+
+    calls = {"n": 0}
+    original = DiffusionBackbone.predict
+
+    def predict(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second batch of step 3: step 3's first batch is already in the gradients
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionBackbone, "predict", predict)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options))
+    monkeypatch.setattr(DiffusionBackbone, "predict", original)
+    resumed = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    again = load_file(str(resumed.lora_file))
+    assert all(torch.equal(whole[k], again[k]) for k in whole)

@@ -220,9 +220,11 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         """A resumable checkpoint plus a usable LoRA file of this step (main process only); the LoRA's path."""
         if not accelerator.is_main_process:
             return None
-        epoch = plan[min(micro, len(plan) - 1)][0] + (1 if micro >= len(plan) else 0)
+        # a Ctrl-C between the batches of one accumulated step resumes at that step's first batch
+        done = min(step * accumulation, len(plan))
+        epoch = plan[min(done, len(plan) - 1)][0] + (1 if done >= len(plan) else 0)
         folder, lora_path = checkpoints.save(out_dir, config, family, backbone, trained, optimizer, scheduler,
-                                             micro=micro, step=step, epoch=epoch, kind=kind, meta=meta)
+                                             micro=done, step=step, epoch=epoch, kind=kind, meta=meta)
         bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=kind)
         return lora_path
 
