@@ -39,6 +39,7 @@ class TrainConfig:
     family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
     prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"))
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
+    max_token_length: int = _field(75, "Caption tokens the text encoder sees: 75, or 150/225 for long tag lists (encoded in 75-token chunks, as the WebUI does with long prompts).", group="model", choices=(75, 150, 225))
     clip_skip: int = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True)
 
     # data
@@ -210,7 +211,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if name == "device" and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps; got {value!r}.")
     if meta["choices"] and value not in meta["choices"]:
-        raise ConfigError(f"'{name}' must be one of {', '.join(meta['choices'])}; got {value!r}.")
+        raise ConfigError(f"'{name}' must be one of {', '.join(map(str, meta['choices']))}; got {value!r}.")
     low, high = meta["min"], meta["max"]
     if (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(f"'{name}' must be between {low:g} and {high:g}; got {value!r}. {meta['help']}")
@@ -320,7 +321,7 @@ def markdown_table(cls: type = TrainConfig) -> str:
         else:
             default = repr(f.default if f.default is not dataclasses.MISSING else [])
         if meta["choices"]:
-            allowed = ", ".join(meta["choices"])
+            allowed = ", ".join(map(str, meta["choices"]))
         elif meta["min"] is not None:
             allowed = f"{meta['min']:g} to {meta['max']:g}"
         else:

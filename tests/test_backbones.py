@@ -61,3 +61,28 @@ def test_a_diffusers_folder_trains_like_the_single_file(tiny_checkpoints, datase
     assert torch.allclose(cond_a["hidden"], cond_b["hidden"]) and torch.allclose(cond_a["pooled"], cond_b["pooled"])
     result = train_lora(quick_config(folder, dataset, tmp_path / "out", max_steps=2))
     assert result.lora_file.is_file()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_long_captions_are_encoded_in_75_token_chunks(family, tiny_checkpoints):
+    short = DiffusionBackbone.from_file(tiny_checkpoints[family])
+    long = DiffusionBackbone.from_file(tiny_checkpoints[family], max_token_length=150)
+    caption = ", ".join(f"tag{i}" for i in range(60))  # well over 75 tokens
+    width = 64 if family == "sd1" else 128
+    assert short.encode_prompts([caption])["hidden"].shape == (1, 77, width)
+    cond = long.encode_prompts([caption, "a cat"])
+    assert cond["hidden"].shape == (2, 152, width)
+    # a short caption's first chunk is exactly what the 75-token encoder sees
+    assert torch.allclose(cond["hidden"][1, :76], short.encode_prompts(["a cat"])["hidden"][0, :76], atol=1e-6)
+    # the second chunk of the long caption carries its words 76..150
+    assert not torch.allclose(cond["hidden"][0, 76:], cond["hidden"][1, 76:])
+
+
+def test_training_with_long_captions(tiny_checkpoints, dataset, tmp_path):
+    from conftest import quick_config
+
+    from lora_trainer.train.loop import train_lora
+
+    result = train_lora(quick_config(tiny_checkpoints["sdxl"], dataset, tmp_path / "out", max_token_length=225,
+                                     max_steps=2))
+    assert result.lora_file.is_file()

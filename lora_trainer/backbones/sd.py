@@ -64,6 +64,7 @@ class DiffusionBackbone:
     prediction_type: str = "epsilon"
     clip_skip: int = 1
     name: str = "model"
+    max_token_length: int = 75
     noise_scheduler: DDPMScheduler = field(init=False)
     # what runs the UNet's forward while training: accelerate's wrapper (DDP on several GPUs), else the UNet
     runner: torch.nn.Module | None = field(default=None, init=False)
@@ -73,11 +74,13 @@ class DiffusionBackbone:
 
     @classmethod
     def from_file(cls, path: str | Path, *, family: str = "auto", prediction_type: str = "auto",
-                  allow_pickle: bool = False, clip_skip: int = 1) -> DiffusionBackbone:
+                  allow_pickle: bool = False, clip_skip: int = 1, max_token_length: int = 75) -> DiffusionBackbone:
         """Load a single-file LDM checkpoint or a diffusers folder, fully offline."""
         path = Path(path).expanduser()
         if path.is_dir():
-            return cls._from_diffusers(path, family, prediction_type, allow_pickle, clip_skip)
+            backbone = cls._from_diffusers(path, family, prediction_type, allow_pickle, clip_skip)
+            backbone.max_token_length = max_token_length
+            return backbone
         checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
         detected = detect_family(checkpoint.keys(), source=path.name)
         if family not in ("auto", detected):
@@ -94,7 +97,8 @@ class DiffusionBackbone:
         unet = ldm.unet_from_ldm(unet_sd, family, pooled)
         vae = ldm.vae_from_ldm(checkpoint, family)
         return cls(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=default_tokenizers(family),
-                   prediction_type=_prediction(prediction_type, family), clip_skip=clip_skip, name=path.stem)
+                   prediction_type=_prediction(prediction_type, family), clip_skip=clip_skip, name=path.stem,
+                   max_token_length=max_token_length)
 
     @classmethod
     def _from_diffusers(cls, folder: Path, family: str, prediction_type: str, allow_pickle: bool,
@@ -137,24 +141,50 @@ class DiffusionBackbone:
         return latents * vae.config.scaling_factor
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The UNet's text conditioning: 'hidden' (B, 77, C) and for SDXL 'pooled' (B, P)."""
+        """The UNet's text conditioning: 'hidden' (B, max_token_length + 2, C) and for SDXL 'pooled' (B, P).
+
+        Longer captions are encoded in 75-token chunks, each framed by start/end tokens, and the chunks'
+        states joined between the first start and the last end state (kohya's max_token_length).
+        """
         hidden, pooled = [], None
+        chunks = self.max_token_length // 75
         for encoder, tokenizer in zip(self.text_encoders, self.tokenizers):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            ids = tokenizer(prompts, padding="max_length", max_length=chunks * 75 + 2, truncation=True,
                             return_tensors="pt").input_ids.to(encoder.device)
-            out = encoder(ids, output_hidden_states=True)
-            if self.family == "sdxl":
-                hidden.append(out.hidden_states[-2])
-                if isinstance(encoder, CLIPTextModelWithProjection):
-                    pooled = out.text_embeds
-            elif self.clip_skip > 1 and self.family == "sd1":
-                hidden.append(encoder.text_model.final_layer_norm(out.hidden_states[-self.clip_skip]))
-            else:
-                hidden.append(out.last_hidden_state)
+            states, first_pooled = [], None
+            for index in range(chunks):
+                piece = torch.cat([ids[:, :1], ids[:, 1 + 75 * index:76 + 75 * index], ids[:, -1:]], dim=1)
+                out = encoder(self._framed(piece, tokenizer), output_hidden_states=True)
+                state = self._layer(encoder, out)
+                states.append(state if chunks == 1 else state[:, 0 if index == 0 else 1:77 if index == chunks - 1 else 76])
+                if first_pooled is None and isinstance(encoder, CLIPTextModelWithProjection):
+                    first_pooled = out.text_embeds
+            hidden.append(torch.cat(states, dim=1))
+            if first_pooled is not None:
+                pooled = first_pooled
         result = {"hidden": torch.cat(hidden, dim=-1)}
         if pooled is not None:
             result["pooled"] = pooled
         return result
+
+    @staticmethod
+    def _framed(piece: torch.Tensor, tokenizer: CLIPTokenizer) -> torch.Tensor:
+        """A chunk of a long caption made to look like a whole one: it ends with end-of-text."""
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        piece = piece.clone()
+        cut = (piece[:, -2] != eos) & (piece[:, -2] != pad)
+        piece[:, -1] = torch.where(cut, torch.full_like(piece[:, -1], eos), piece[:, -1])
+        empty = piece[:, 1] == pad
+        piece[:, 1] = torch.where(empty, torch.full_like(piece[:, 1], eos), piece[:, 1])
+        return piece
+
+    def _layer(self, encoder: torch.nn.Module, out) -> torch.Tensor:
+        """The hidden states this family conditions on (penultimate for SDXL, clip skip for SD1)."""
+        if self.family == "sdxl":
+            return out.hidden_states[-2]
+        if self.clip_skip > 1 and self.family == "sd1":
+            return encoder.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+        return out.last_hidden_state
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:

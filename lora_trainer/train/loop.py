@@ -124,7 +124,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     if backbone is None:
         backbone = DiffusionBackbone.from_file(config.base_model, family=config.family,
                                                prediction_type=config.prediction_type,
-                                               allow_pickle=config.allow_pickle, clip_skip=config.clip_skip)
+                                               allow_pickle=config.allow_pickle, clip_skip=config.clip_skip,
+                                               max_token_length=config.max_token_length)
     if config.train_text_encoder and not backbone.text_encoders:
         raise ConfigError("This model's text encoder cannot be trained here (the host encodes captions itself); "
                           "set train_text_encoder: false.")
