@@ -199,3 +199,23 @@ def test_train_node_trains_sdxl_with_the_graphs_pooled_text(comfy, dataset):
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert all(k.startswith("lora_unet_") for k in tensors)
+
+
+def test_a_failed_copy_into_loras_keeps_the_old_file(comfy, tmp_path, monkeypatch):
+    from lora_trainer.errors import HostError
+    from lora_trainer.hosts import comfyui
+
+    old = comfy.loras / "kept.safetensors"
+    old.write_bytes(b"previous lora")
+    new = tmp_path / "new.safetensors"
+    new.write_bytes(b"new lora")
+
+    def disk_full(src, dst):
+        Path(dst).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(comfyui.shutil, "copyfile", disk_full)
+    with pytest.raises(HostError, match="No space left"):
+        comfyui.publish(new, "kept")
+    assert old.read_bytes() == b"previous lora"
+    assert sorted(p.name for p in comfy.loras.iterdir()) == ["kept.safetensors"]

@@ -189,6 +189,7 @@ def comfy_backbone(model, clip, vae):
         return out
 
     pooled_dim = encode_prompts([""]).get("pooled", torch.zeros(1, 0)).shape[1] if family == "sdxl" else None
+
     def release() -> None:
         mm.unload_all_models()
         mm.soft_empty_cache()
@@ -203,15 +204,20 @@ def publish(lora_file: Path, name: str) -> Path:
     import folder_paths
 
     target_dir = Path(folder_paths.get_folder_paths("loras")[0])
-    target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{safe_name(name)}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target_dir)
-    os.close(fd)
+    tmp = None
     try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target_dir)
+        os.close(fd)
         shutil.copyfile(lora_file, tmp)
         os.replace(tmp, target)
+    except OSError as exc:
+        raise HostError(f"Cannot write {target.name} into {target_dir} ({exc.strerror}); the trained LoRA is "
+                        f"still at {lora_file}, and any earlier file of that name is intact.") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return target
 
 
