@@ -68,6 +68,7 @@ def server(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "lora_trainer").symlink_to(ROOT, target_is_directory=True)
     build_tiny_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors", "sd1-host")
+    build_tiny_checkpoint(base / "models" / "checkpoints" / "tiny_sd2.safetensors", "sd2-host")
     make_dataset(base / "input" / "lora_data", count=4)
     port, log = _free_port(), base / "comfyui.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -182,3 +183,12 @@ def test_requeuing_trains_again_and_the_same_seed_gives_the_same_lora(server):
     two = read_lora_file(lora)
     assert one[1]["ss_training_started_at"] != two[1]["ss_training_started_at"]  # it really ran again
     assert all(np.array_equal(one[0][k].float().numpy(), two[0][k].float().numpy()) for k in one[0])
+
+
+def test_sd2_trains_through_the_example_workflow(server):
+    graph = _training_graph(server, "comfy_sd2", steps=2)
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd2.safetensors"
+    result = server.run(graph)
+    assert result["status"]["status_str"] == "success", result["status"]
+    _, metadata = read_lora_file(server.base / "models" / "loras" / "comfy_sd2.safetensors")
+    assert metadata["ss_base_model_version"] == "sd_v2" and metadata["ss_v2"] == "True"

@@ -126,15 +126,18 @@ def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     return {k: v.contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
 
 
-def host_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The smallest checkpoint the hosts take for SD1.5 (fp16, ~420 MB).
+def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
+    """The smallest checkpoint the hosts take for SD1.5 (fp16, ~420 MB) or SD2 (~1 GB).
 
-    ComfyUI detects SD1.5 from model_channels 320 and context_dim 768 and loads a fixed CLIP-L (12 layers,
-    missing ones stay uninitialised) and a fixed-size LDM VAE; so only the UNet is small here: one level.
+    ComfyUI detects SD1.5 from model_channels 320 and context_dim 768 (SD2: 1024 and linear projections)
+    and loads a fixed text encoder (CLIP-L, or OpenCLIP ViT-H; missing layers would stay uninitialised)
+    and a fixed-size LDM VAE; so only the UNet is small here: one level.
     """
     torch.manual_seed(seed)
+    sd2 = family == "sd2"
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(320,), attention_head_dim=8, cross_attention_dim=768,
+                                block_out_channels=(320,), attention_head_dim=5 if sd2 else 8,
+                                cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
                                 down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     with torch.no_grad():
         for param in unet.parameters():
@@ -142,18 +145,24 @@ def host_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
                 param.normal_(0, 0.02)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    clip = CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
     ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
     ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), 4)))
-    ckpt.update(_prefixed("cond_stage_model.transformer.", text_model_keys(CLIPTextModel(clip).state_dict())))
+    if sd2:
+        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+        ckpt.update(_prefixed("cond_stage_model.model.", clip_to_open_clip(CLIPTextModelWithProjection(config).state_dict())))
+    else:
+        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+        ckpt.update(_prefixed("cond_stage_model.transformer.", text_model_keys(CLIPTextModel(config).state_dict())))
     return {k: v.to(torch.float16).contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
 
 
 def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host' for the hosts' SD1.5."""
+    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host' for the hosts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = host_sd15_state_dict(seed) if family == "sd1-host" else tiny_state_dict(family, seed)
+    host = family.endswith("-host")
+    tensors = host_state_dict(family.removesuffix("-host"), seed) if host else tiny_state_dict(family, seed)
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
