@@ -84,3 +84,159 @@ def bench_caption(size: str = "base", images: int = 512, batch_size: int = 64, p
     if out:
         Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def real_shape_checkpoint(path: Path, family: str) -> Path:
+    """A random-weight checkpoint of the real SD1.5 or SDXL shapes, in the LDM single-file layout (fp16)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_trainer.backbones.ldm import text_model_keys, unet_to_ldm
+    from lora_trainer.backbones.tiny import clip_to_open_clip, vae_to_ldm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        if family == "sd15":
+            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
+        ckpt = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), 2).items()}
+        ckpt.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), 4).items()})
+        if family == "sd15":
+            ckpt.update({"cond_stage_model.transformer." + k: v for k, v in text_model_keys(clip_l.state_dict()).items()})
+        else:
+            ckpt.update({"conditioner.embedders.0.transformer." + k: v
+                         for k, v in text_model_keys(clip_l.state_dict()).items()})
+            big_g = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, hidden_act="gelu", projection_dim=1280))
+            ckpt.update({"conditioner.embedders.1.model." + k: v for k, v in clip_to_open_clip(big_g.state_dict()).items()})
+    save_file({k: v.half().contiguous().cpu() for k, v in ckpt.items() if not k.endswith("position_ids")}, str(path))
+    return path
+
+
+def _reference_loop(backbone, targets: list[str], batch: int, size: int, steps: int, device, rank: int = 16) -> dict:
+    """A plain eager diffusers + peft loop on the same modules: the yardstick every number is read against."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_trainer.lora.inject import add_lora
+
+    unet = backbone.unet.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    params = add_lora(unet, targets, rank, rank, 0.0)
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    with torch.no_grad():
+        cond = {k: v.to(device).expand(batch, *v.shape[1:]) for k, v in backbone.encode_prompts(["a photo"]).items()}
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=torch.float32)
+    time_ids = time_ids if backbone.family == "sdxl" else None
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(latents)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = backbone.predict(backbone.noise_scheduler.add_noise(latents, noise, t), t, cond, time_ids)
+        torch.nn.functional.mse_loss(pred.float(), noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(3):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"steps_per_s": steps / seconds, "flops_per_step": counter.get_total_flops()}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
+                peak_tflops: float = 790.0, out: Path | None = None) -> dict:
+    """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers."""
+    from lora_trainer.backbones.sd import DiffusionBackbone
+    from lora_trainer.backbones.tiny import build_tiny_checkpoint
+    from lora_trainer.config import make_config
+    from lora_trainer.train.loop import train_lora
+
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                "cpu" if device == "auto" else device)
+    resolution = (512 if family == "sd15" else 1024) if size == "real" else 64
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / "model.safetensors"
+        if size == "real":
+            real_shape_checkpoint(checkpoint, family)
+        else:
+            build_tiny_checkpoint(checkpoint, {"sd15": "sd1", "sdxl": "sdxl"}[family])
+        data = tmp / "data"
+        synthetic_photos(data, max(batch * 4, 8), size=resolution)
+        for image in data.glob("*.jpg"):
+            image.with_suffix(".txt").write_text("a photo", encoding="utf-8")
+
+        reference_model = DiffusionBackbone.from_file(checkpoint)
+        targets = reference_model.unet_lora_targets("attention_ff")
+        if torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        reference = _reference_loop(reference_model, targets, batch, resolution, steps, torch_device)
+        reference["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch_device.type == "cuda" else None
+        del reference_model
+        if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+        times: list[float] = []
+
+        def on_event(event) -> None:
+            if event.kind == "progress" and "phase" not in event.data:
+                if not times and torch_device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()  # training only: latent caching has its own peak
+                times.append(time.perf_counter())
+
+        config = make_config({"base_model": str(checkpoint), "train_data_dir": str(data), "resolution": resolution,
+                              "batch_size": batch, "max_steps": steps + 10, "lora_rank": 16, "lora_alpha": 16,
+                              "output_dir": str(tmp / "out"), "save_every_n_epochs": 0, "log_every_n_steps": 25,
+                              "device": "cpu" if torch_device.type == "cpu" else "auto",
+                              "mixed_precision": "bf16" if torch_device.type == "cuda" else "no",
+                              "enable_buckets": False, "min_snr_gamma": 0})
+        start = time.perf_counter()
+        train_lora(config, listeners=[on_event])
+        ours = {"steps_per_s": (len(times) - 11) / (times[-1] - times[10]), "first_step_s": times[0] - start,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch_device.type == "cuda" else None}
+    flops = reference["flops_per_step"]
+    rows = []
+    for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer", ours)):
+        images = result["steps_per_s"] * batch
+        rows.append({"trainer": name, "steps_per_s": round(result["steps_per_s"], 2), "images_per_s": round(images, 2),
+                     "peak_gib": None if result["peak_gib"] is None else round(result["peak_gib"], 2),
+                     "first_step_s": round(result.get("first_step_s", 0.0), 1),
+                     "percent_of_ideal": round(100 * result["steps_per_s"] * flops / (peak_tflops * 1e12), 2)})
+    report = {"family": family, "size": size, "batch": batch, "resolution": resolution, "device": str(torch_device),
+              "lora_modules": len(targets), "tflop_per_step": round(flops / 1e12, 3), "rows": rows,
+              "speedup_vs_eager": round(ours["steps_per_s"] / reference["steps_per_s"], 2)}
+    print(f"{family} {size}, batch {batch}, {resolution} px, {len(targets)} LoRA modules, {report['tflop_per_step']} TFLOP/step")
+    print("| trainer | steps/s | images/s | peak GiB | first step s | % of ideal |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} | "
+              f"{row['first_step_s']} | {row['percent_of_ideal']} |")
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report

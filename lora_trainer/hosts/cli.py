@@ -155,6 +155,12 @@ def _bench(args: argparse.Namespace) -> int:
     """`bench caption`: time the captioner against a plain generate loop."""
     from lora_trainer.bench import bench_caption
 
+    if args.what == "train":
+        from lora_trainer.bench import bench_train
+
+        bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
+                    device=args.device, out=args.out)
+        return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
     return 0
@@ -209,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     captions.set_defaults(run=_captions)
 
     bench = commands.add_parser("bench", help="Benchmarks (random-weight models of real shapes; use a GPU).")
-    bench.add_argument("what", choices=["caption"])
-    bench.add_argument("--size", choices=["tiny", "base", "large"], default="base", help="BLIP size (tiny for CPUs).")
+    bench.add_argument("what", choices=["caption", "train"])
+    bench.add_argument("--size", choices=["tiny", "base", "large", "real"], default="base",
+                       help="caption: BLIP size; train: real or tiny shapes (tiny for CPUs).")
+    bench.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="train: model family.")
+    bench.add_argument("--batch", type=int, default=4, help="train: images per step.")
+    bench.add_argument("--steps", type=int, default=50, help="train: timed steps.")
     bench.add_argument("--images", type=int, default=512)
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--plain-images", type=int, default=64, help="Images for the plain one-at-a-time loop.")

@@ -1,0 +1,20 @@
+"""The benchmarks run end to end at tiny size on the CPU (their numbers come from the GPU machine)."""
+
+import json
+
+
+def test_caption_benchmark_runs_at_tiny_size(tmp_path):
+    from lora_trainer.bench import bench_caption
+
+    report = bench_caption("tiny", images=8, batch_size=4, plain_images=2, device="cpu", out=tmp_path / "b.json")
+    assert report["ours_images_per_s"] > 0 and report["plain_loop_images_per_s"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["images"] == 8
+
+
+def test_training_benchmark_runs_at_tiny_size(tmp_path):
+    from lora_trainer.bench import bench_train
+
+    report = bench_train("sd15", batch=2, steps=3, size="tiny", device="cpu", out=tmp_path / "t.json")
+    assert [row["trainer"] for row in report["rows"]] == ["plain eager diffusers + peft", "lora_trainer"]
+    assert all(row["steps_per_s"] > 0 for row in report["rows"]) and report["lora_modules"] == 84
+    assert json.loads((tmp_path / "t.json").read_text())["batch"] == 2
