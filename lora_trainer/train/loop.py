@@ -1,7 +1,8 @@
 """The training loop: data, model, LoRA, optimizer, then steps, saves and samples, in that order.
 
-Every random draw of step m comes from a generator seeded with (seed, m), and the data order of
-epoch e from (seed, e), so a run resumed from a checkpoint continues exactly as if never stopped.
+Every random draw of step m comes from generators seeded with (seed, m), and the data order of
+epoch e from (seed, e), so a run resumed from a checkpoint continues exactly as if never stopped
+(on the same kind of device: noise is drawn on the training device).
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     for model in models:
         model.train()
     loss_sum = torch.zeros((), device=device)
+    device_gen = torch.Generator(device=device)
     loss_count = 0
     tick = time.time()
     try:
@@ -242,17 +244,20 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             epoch, indices = plan[micro]
             indices = indices[accelerator.process_index::accelerator.num_processes] or indices
             gen = _rng(config.seed, 2, micro)
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # LoRA dropout, per step
+            step_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            torch.manual_seed(step_seed)  # LoRA dropout, per step
+            device_gen.manual_seed(step_seed + 1)  # noise and timesteps are drawn where they are used: no copies
             flips = torch.rand(len(indices), generator=gen) < 0.5
             latents = torch.stack([
                 cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
                 for i, flip in zip(indices, flips.tolist())])
             captions = [cache[i].item.caption for i in indices]
-            noise = torch.randn(latents.shape, generator=gen).to(device, weight_dtype)
+            noise = torch.randn(latents.shape, generator=device_gen, device=device, dtype=weight_dtype)
             if config.noise_offset:
-                noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(device, weight_dtype)
+                noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=device_gen,
+                                                                  device=device, dtype=weight_dtype)
             timesteps = torch.randint(0, backbone.noise_scheduler.config.num_train_timesteps, (len(indices),),
-                                      generator=gen).to(device)
+                                      generator=device_gen, device=device)
             if varying:
                 captions = [process_caption(c, shuffle=config.shuffle_captions, keep_tokens=config.keep_tokens,
                                             dropout=config.caption_dropout, generator=gen) for c in captions]
