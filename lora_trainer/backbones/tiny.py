@@ -42,6 +42,15 @@ def _unet(family: str) -> UNet2DConditionModel:
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8)
 
 
+def _wake(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Give the layers LDM zero-initialises small random values: a UNet whose output is always 0 proves nothing."""
+    with torch.no_grad():
+        for param in unet.parameters():
+            if param.ndim > 1 and not param.any():
+                param.normal_(0, 0.02)
+    return unet
+
+
 def _text_config(act: str, layers: int) -> CLIPTextConfig:
     """A narrow CLIP text encoder with the real vocabulary and context length."""
     return CLIPTextConfig(vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
@@ -104,12 +113,7 @@ def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
     """A whole tiny checkpoint of `family` ('sd1', 'sd2', 'sdxl') in LDM single-file naming."""
     torch.manual_seed(seed)
-    unet = _unet(family)
-    # LDM zero-initialises its output layers; random small values make every test meaningful.
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if param.ndim > 1 and not param.any():
-                param.normal_(0, 0.02)
+    unet = _wake(_unet(family))
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
@@ -139,10 +143,7 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
                                 block_out_channels=(320,), attention_head_dim=5 if sd2 else 8,
                                 cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
                                 down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-    with torch.no_grad():
-        for param in unet.parameters():
-            if param.ndim > 1 and not param.any():
-                param.normal_(0, 0.02)
+    _wake(unet)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
