@@ -7,8 +7,6 @@ epoch e from (seed, e), so a run resumed from a checkpoint continues exactly as 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
@@ -420,7 +418,3 @@ def _samples(backbone: DiffusionBackbone, config: TrainConfig, step: int, out_di
     backbone.vae.to("cpu")
     return paths
 
-
-def config_dict(config: TrainConfig) -> dict:
-    """The config as a plain dict (for metadata and JSON)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
