@@ -133,8 +133,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     buckets = assign_buckets(scan.items, config.resolution, config.enable_buckets,
                              config.min_bucket_reso, config.max_bucket_reso)
     cache_file = out_dir / "cache" / "latents.safetensors" if config.cache_latents_to_disk else None
+    # the VAE's activations, not the UNet, set the peak at large sizes: 4 images at 512 px, 1 at 768 px and up
+    vae_batch = max(1, 4 * 512 * 512 // (config.resolution * config.resolution))
     cache = encode_dataset(scan.items, buckets, backbone.encode_images, flip=config.flip_aug, cache_file=cache_file,
-                           model_id=f"{config.base_model}|{_model_stamp(config.base_model)}",
+                           batch_size=vae_batch, model_id=f"{config.base_model}|{_model_stamp(config.base_model)}",
                            on_progress=lambda done, total: bus.emit("progress", done, total, phase="caching"))
     if backbone.vae is not None:
         backbone.vae.to("cpu")
