@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
+from lora_trainer.atomic import replaced_atomically
 from lora_trainer.data.captions import split_tags
 from lora_trainer.data.images import current_captions, find_images
 from lora_trainer.errors import DatasetError
@@ -24,15 +23,11 @@ METADATA_FILES = {"csv": "metadata.csv", "jsonl": "metadata.jsonl"}
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(text, encoding="utf-8", newline="")
     except OSError as exc:
         raise DatasetError(f"Cannot write {path} ({exc.strerror}); the previous file, if any, is intact.") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class CaptionWriter:

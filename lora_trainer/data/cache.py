@@ -19,6 +19,7 @@ from PIL import ImageOps
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lora_trainer.atomic import replaced_atomically
 from lora_trainer.data.buckets import make_buckets, nearest_bucket, resize_and_crop
 from lora_trainer.data.images import ImageItem, load_image
 
@@ -116,10 +117,8 @@ def _write_cache(path: Path, key: str, cached: list[CachedImage]) -> None:
         if entry.latents_flipped is not None:
             tensors[f"{i}.flipped"] = entry.latents_flipped
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"fingerprint": key, "count": json.dumps(len(cached))})
-        tmp.replace(path)
+        with replaced_atomically(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"fingerprint": key, "count": json.dumps(len(cached))})
     except OSError as exc:
         log.warning("Could not write the latent cache %s: %s", path, exc)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+from lora_trainer.atomic import replaced_atomically
 from lora_trainer.config import CaptionConfig, TrainConfig, config_fields, make_config, safe_name
 from lora_trainer.errors import HostError
 
@@ -205,19 +205,12 @@ def publish(lora_file: Path, name: str) -> Path:
 
     target_dir = Path(folder_paths.get_folder_paths("loras")[0])
     target = target_dir / f"{safe_name(name)}.safetensors"
-    tmp = None
     try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".tmp", dir=target_dir)
-        os.close(fd)
-        shutil.copyfile(lora_file, tmp)
-        os.replace(tmp, target)
+        with replaced_atomically(target) as tmp:
+            shutil.copyfile(lora_file, tmp)
     except OSError as exc:
         raise HostError(f"Cannot write {target.name} into {target_dir} ({exc.strerror}); the trained LoRA is "
                         f"still at {lora_file}, and any earlier file of that name is intact.") from None
-    finally:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
     return target
 
 

@@ -8,8 +8,6 @@ then `os.replace`, so a crash or a full disk never leaves a half-written LoRA un
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lora_trainer.atomic import replaced_atomically
 from lora_trainer.errors import CheckpointError, TrainingError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,19 +55,12 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingError(f"Refusing to save {path.name}: '{key}' holds NaN or infinite values.")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise TrainingError(f"Cannot write into {path.parent}: {exc.strerror}. Choose a writable output folder.") from None
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     except (OSError, SafetensorError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise TrainingError(f"Saving {path.name} failed ({reason}); the previous file, if any, is intact.") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # still there only if the write or the rename did not happen
+        raise TrainingError(f"Cannot write into {path.parent}: saving {path.name} failed ({reason}). Choose a "
+                            "writable output folder with free space; the previous file, if any, is intact.") from None
     return path
 
 
