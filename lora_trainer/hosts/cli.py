@@ -182,6 +182,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    try:
+        from lora_trainer.hosts.app import StandaloneHost, serve
+    except ImportError as exc:
+        raise LoraTrainerError(f"The web app needs gradio: pip install 'lora-trainer[ui]' ({exc}).") from None
+    host = StandaloneHost(args.lora_dir, args.output_dir, base_model=args.base_model, train_data_dir=args.data)
+    serve(host, listen=args.listen, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m lora_trainer`."""
     parser = argparse.ArgumentParser(prog="lora-trainer", description="Train LoRAs for Stable Diffusion.")
@@ -233,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="Show what is inside a LoRA file.")
     inspect.add_argument("file", type=Path)
     inspect.set_defaults(run=_inspect)
+
+    ui = commands.add_parser("ui", help="Start the LoRA Train web app on this computer (the WebUI tab, standalone).")
+    ui.add_argument("--port", type=int, default=7861, help="Port (default 7861).")
+    ui.add_argument("--listen", default="127.0.0.1",
+                    help="Address to serve on (default 127.0.0.1: this computer only). 0.0.0.0 exposes it to your network.")
+    ui.add_argument("--lora-dir", default="loras", help="Where finished LoRAs are written (default ./loras).")
+    ui.add_argument("--output-dir", default="output", help="Checkpoints, samples and logs (default ./output/NAME).")
+    ui.add_argument("--base-model", default="", help="Checkpoint to fill in on the form.")
+    ui.add_argument("--data", default="", help="Image folder to fill in on the form.")
+    ui.set_defaults(run=_ui)
 
     demo = commands.add_parser("demo", help="Train a LoRA on a built-in tiny model, offline, in a few minutes.")
     demo.add_argument("--workdir", default="lora_trainer_demo", help="Where the demo writes everything.")

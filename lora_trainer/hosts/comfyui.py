@@ -8,8 +8,6 @@ and interrupt. ComfyUI modules are imported inside the functions, so this file i
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import torch
 import yaml
 from PIL import Image
 
-from lora_trainer.atomic import replaced_atomically
 from lora_trainer.config import CaptionConfig, TrainConfig, config_fields, make_config, safe_name
 from lora_trainer.errors import HostError
 
@@ -203,15 +200,9 @@ def publish(lora_file: Path, name: str) -> Path:
     """Copy a finished LoRA into ComfyUI's loras folder atomically; returns its new path."""
     import folder_paths
 
-    target_dir = Path(folder_paths.get_folder_paths("loras")[0])
-    target = target_dir / f"{safe_name(name)}.safetensors"
-    try:
-        with replaced_atomically(target) as tmp:
-            shutil.copyfile(lora_file, tmp)
-    except OSError as exc:
-        raise HostError(f"Cannot write {target.name} into {target_dir} ({exc.strerror}); the trained LoRA is "
-                        f"still at {lora_file}, and any earlier file of that name is intact.") from None
-    return target
+    from lora_trainer.lora.kohya import publish_lora
+
+    return publish_lora(lora_file, Path(folder_paths.get_folder_paths("loras")[0]), name)
 
 
 class TrainLora:
@@ -318,12 +309,9 @@ class TestLoraGrid:
         import folder_paths
         import nodes
 
-        try:
-            weights = [float(w) for w in strengths.replace(";", ",").split(",") if w.strip()]
-        except ValueError:
-            raise HostError(f"strengths must be numbers separated by commas, got {strengths!r}.") from None
-        if not weights or any(not math.isfinite(w) for w in weights):
-            raise HostError("Give at least one LoRA strength, e.g. 0, 0.5, 1.")
+        from lora_trainer.ui.render import parse_strengths
+
+        weights = parse_strengths(strengths)
         lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
         latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]
         images = []

@@ -117,3 +117,12 @@ def apply_lora_file(backbone, path: str, strength: float = 1.0) -> None:
         # peft scales by alpha/rank; read_init_lora already folded the file's own scale into `up` for alpha 1
         fill_lora(model, modules)
         model.requires_grad_(False)
+
+
+def set_lora_strength(model: torch.nn.Module, strength: float) -> None:
+    """Scale every LoRA layer of `model` to `strength` times its own alpha/rank (0 turns the LoRA off)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.scaling:
+            module.scaling[ADAPTER] = strength * module.lora_alpha[ADAPTER] / module.r[ADAPTER]

@@ -109,3 +109,23 @@ def describe(path: str | Path) -> str:
             value = json.dumps(json.loads(value))[:200]
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
+
+
+def publish_lora(lora_file: Path, folder: Path, name: str) -> Path:
+    """Copy a finished LoRA into a host's LoRA folder as NAME.safetensors, atomically; its new path.
+
+    The name is sanitised so it cannot leave `folder`; on failure any earlier file of that name is intact.
+    """
+    import shutil
+
+    from lora_trainer.config import safe_name
+    from lora_trainer.errors import HostError
+
+    target = Path(folder) / f"{safe_name(name)}.safetensors"
+    try:
+        with replaced_atomically(target) as tmp:
+            shutil.copyfile(lora_file, tmp)
+    except OSError as exc:
+        raise HostError(f"Cannot write {target.name} into {folder} ({exc.strerror}); the trained LoRA is "
+                        f"still at {lora_file}, and any earlier file of that name is intact.") from None
+    return target

@@ -1,0 +1,57 @@
+"""HTTP routes under /lora_trainer/ for scripts: start a job, watch it, interrupt it, list the LoRAs.
+
+The same routes are mounted on the WebUI's FastAPI app (on_app_started) and on the standalone app's.
+Bodies are read as plain JSON, so the routes work under pydantic 1 (WebUI) and 2 (Forge, current FastAPI).
+"""
+
+from __future__ import annotations
+
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.jobs import BusyError, Trainer
+
+PREFIX = "/lora_trainer"
+
+
+def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: list | None = None) -> None:
+    """Add the routes to a FastAPI app.
+
+    POST {prefix}/train      body: {"config": {key: value, ...}} (or the keys at the top level);
+                             201 with the job, 409 while another job runs, 422 for a bad config
+    GET  {prefix}/status     the current (or last) job: state, step, total, losses, eta_seconds, lora_file, ...
+    POST {prefix}/interrupt  stop after the current step, saving what was trained
+    GET  {prefix}/results    LoRA files in the host's LoRA folder, newest first
+    """
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    async def train(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "The body must be JSON: {\"config\": {...}}."}, status_code=400)
+        config = body.get("config", body) if isinstance(body, dict) else None
+        if not isinstance(config, dict):
+            return JSONResponse({"error": "The body must be a JSON object: {\"config\": {...}}."}, status_code=400)
+        try:
+            job = await run_in_threadpool(trainer.start, config)
+        except BusyError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        except LoraTrainerError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        return JSONResponse(job.as_dict(), status_code=201)
+
+    def status():
+        return trainer.job.as_dict() if trainer.job else {"state": "idle", "running": False}
+
+    def interrupt():
+        return {"interrupted": trainer.interrupt()}
+
+    def results():
+        return trainer.results()
+
+    extra = {"dependencies": dependencies} if dependencies else {}
+    app.add_api_route(f"{prefix}/train", train, methods=["POST"], **extra)
+    app.add_api_route(f"{prefix}/status", status, methods=["GET"], **extra)
+    app.add_api_route(f"{prefix}/interrupt", interrupt, methods=["POST"], **extra)
+    app.add_api_route(f"{prefix}/results", results, methods=["GET"], **extra)

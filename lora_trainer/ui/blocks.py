@@ -1,0 +1,413 @@
+"""The "LoRA Train" Gradio Blocks: dataset, captions, settings, train, result.
+
+The WebUI tab and the standalone app mount this same Blocks; the host object says what differs (where the
+model comes from, where LoRAs go, how a test render is made). Written to the part of Gradio that 3.41 (the
+WebUI), 4.x (Forge) and current releases share: plain components with label/info/elem_id, `.click().then()`,
+generator handlers for live progress, PIL images rather than file paths (newer Gradio refuses to serve
+files from outside its own folders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from lora_trainer.config import FAMILIES, PRESETS, CaptionConfig, TrainConfig, config_fields, make_config
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.jobs import Trainer, describe
+
+log = logging.getLogger(__name__)
+
+# the few settings that matter up front; everything else is under "Advanced", generated from the config
+BASIC = ("output_name", "trigger_word", "epochs", "max_steps", "lora_rank", "learning_rate", "resolution",
+         "batch_size")
+ALWAYS_HIDDEN = ("train_data_dir", "base_model")  # they have their own boxes on the Dataset tab
+THUMBNAIL = 256
+PRESET = "preset"
+POLL_SECONDS = 1.0
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def _component(f: dataclasses.Field, value: Any = None) -> gr.components.Component:
+    """A form field generated from a config field: its type, bounds, choices and help as the tooltip."""
+    meta = f.metadata
+    elem_id = f"lora_trainer_{f.name}"
+    info = meta["help"]
+    default = f.default if value is None and f.default is not dataclasses.MISSING else value
+    if meta["choices"]:
+        choices = [str(c) for c in meta["choices"]]
+        if default is None:  # a preset key: "preset" means the model family's value
+            choices, default = [PRESET, *choices], PRESET
+            info += " 'preset' = the model family's choice."
+        return gr.Dropdown(choices=choices, value=str(default), label=_label(f.name), info=info, elem_id=elem_id)
+    if f.type == "bool":
+        return gr.Checkbox(value=bool(default), label=_label(f.name), info=info, elem_id=elem_id)
+    if f.type == "list":
+        return gr.Textbox(value="\n".join(default or []), lines=2, label=_label(f.name),
+                          info=info + " One per line.", elem_id=elem_id)
+    if f.type == "str":
+        return gr.Textbox(value=default or "", label=_label(f.name), info=info, elem_id=elem_id)
+    unset = default is None  # preset keys: 0 means "the model family's preset"
+    return gr.Number(value=0 if unset else default, label=_label(f.name),
+                     info=info + (" 0 = the model family's preset." if unset else ""), elem_id=elem_id,
+                     minimum=0 if unset else meta["min"], maximum=meta["max"],
+                     precision=0 if f.type == "int" else None)
+
+
+def form_values(names: list[str], args: tuple) -> dict[str, Any]:
+    """The form's values as config values: a 0 in a field without a fixed default means 'preset'."""
+    fields = {f.name: f for f in config_fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for name, value in zip(names, args):
+        f = fields[name]
+        if f.default is None and value in (0, None, "", PRESET):
+            continue
+        if isinstance(value, str) and f.type not in ("str", "list"):
+            value = value.strip()
+        if isinstance(value, float) and f.type == "int" and value.is_integer():
+            value = int(value)
+        values[name] = value
+    return values
+
+
+def preset_values(family: str, names: list[str]) -> list[Any]:
+    """The values the preset fields take for a family ('auto' puts them back to 0 = the model's preset)."""
+    fields = {f.name: f for f in config_fields(TrainConfig)}
+    values = []
+    for name in names:
+        f = fields[name]
+        if not f.metadata["preset"]:
+            values.append(gr.update())
+        elif family in PRESETS:
+            values.append(str(PRESETS[family][name]) if f.metadata["choices"] else PRESETS[family][name])
+        else:
+            values.append(PRESET if f.metadata["choices"] else 0)
+    return values
+
+
+def thumbnails(folder: str, caption_extension: str = ".txt") -> tuple[list, list[str]]:
+    """(PIL thumbnail, caption) pairs for the caption grid, and the image paths in the same order."""
+    from lora_trainer.caption import list_captions
+    from lora_trainer.data.images import load_image
+
+    items, paths = [], []
+    for path, caption in list_captions(folder, caption_extension):
+        try:
+            image = load_image(path)
+        except (LoraTrainerError, OSError, ValueError) as exc:  # the dataset check lists unreadable images
+            log.warning("Cannot show %s: %s", path, exc)
+            continue
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        items.append((image, caption or "(no caption)"))
+        paths.append(str(path))
+    return items, paths
+
+
+def check_dataset(folder: str, trigger_word: str = "") -> str:
+    """The Dataset tab's report: counts, sizes, captions found, problems."""
+    from lora_trainer.data import scan_dataset
+
+    if not folder.strip():
+        return "Type the folder that holds your training images."
+    try:
+        scan = scan_dataset(folder.strip(), trigger_word=trigger_word, missing_caption="empty")
+    except LoraTrainerError as exc:
+        return f"**Problem:** {exc}"
+    sizes = sorted({(item.width, item.height) for item in scan.items}, key=lambda s: -s[0] * s[1])
+    lines = [f"**{len(scan.items)} usable images** in `{folder.strip()}`",
+             f"- sizes: {', '.join(f'{w}x{h}' for w, h in sizes[:6])}{' ...' if len(sizes) > 6 else ''}",
+             f"- captions found: {len(scan.items) - len(scan.uncaptioned)} of {len(scan.items)}"]
+    if scan.uncaptioned:
+        lines.append(f"- without caption: {len(scan.uncaptioned)} (caption them on the Captions tab, or they "
+                     "train on the trigger word alone)")
+    lines += [f"- skipped `{Path(p).name}`: {reason}" for p, reason in scan.skipped[:20]]
+    lines += [f"- converted `{Path(p).name}`: {reason}" for p, reason in scan.converted[:20]]
+    return "\n".join(lines)
+
+
+def build_blocks(host, trainer: Trainer) -> gr.Blocks:
+    """The whole tab. `host` is a UiHost (hosts/app.py, hosts/a1111.py); `trainer` runs its jobs."""
+    fields = {f.name: f for f in config_fields(TrainConfig)}
+    caption_fields = {f.name: f for f in config_fields(CaptionConfig)}
+    hidden = set(ALWAYS_HIDDEN) | set(host.hidden_keys)
+    defaults = host.default_values()
+
+    with gr.Blocks(analytics_enabled=False, title="LoRA Trainer") as blocks:
+        with gr.Row():
+            model_info = gr.Markdown(host.model_line(), elem_id="lora_trainer_model_info")
+            refresh_model = gr.Button("Refresh", elem_id="lora_trainer_refresh_model", scale=0)
+        with gr.Tabs(elem_id="lora_trainer_tabs"):
+            with gr.Tab("1. Dataset", elem_id="lora_trainer_tab_dataset"):
+                if host.needs_base_model:
+                    base_model = gr.Textbox(label="Base model", info=fields["base_model"].metadata["help"],
+                                            value=defaults.get("base_model", ""), elem_id="lora_trainer_base_model")
+                folder = gr.Textbox(label="Image folder", info=fields["train_data_dir"].metadata["help"],
+                                    value=defaults.get("train_data_dir", ""), elem_id="lora_trainer_train_data_dir")
+                check = gr.Button("Check dataset", elem_id="lora_trainer_check")
+                report = gr.Markdown("", elem_id="lora_trainer_dataset_report")
+
+            with gr.Tab("2. Captions", elem_id="lora_trainer_tab_captions"):
+                with gr.Row():
+                    caption_prefix = _component(caption_fields["prefix"])
+                    caption_existing = _component(caption_fields["existing"])
+                    caption_model = _component(caption_fields["model"])
+                with gr.Accordion("More captioning options", open=False):
+                    caption_extra_names = ["prompt", "suffix", "output", "num_beams", "min_length", "max_length",
+                                           "batch_size", "device"]
+                    caption_extra = [_component(caption_fields[n]) for n in caption_extra_names]
+                caption_button = gr.Button("Caption with BLIP", variant="primary", elem_id="lora_trainer_caption")
+                caption_status = gr.Markdown("", elem_id="lora_trainer_caption_status")
+                image_paths = gr.State([])
+                gallery = gr.Gallery(label="Images and captions (click one to edit its caption)", columns=6,
+                                     height=420, elem_id="lora_trainer_gallery")
+                with gr.Row():
+                    selected = gr.Textbox(label="Image", interactive=False, elem_id="lora_trainer_selected")
+                    caption_edit = gr.Textbox(label="Caption", lines=2, elem_id="lora_trainer_caption_edit")
+                    save_caption = gr.Button("Save caption", elem_id="lora_trainer_save_caption", scale=0)
+                with gr.Row():
+                    find = gr.Textbox(label="Find", elem_id="lora_trainer_find")
+                    replace = gr.Textbox(label="Replace with", elem_id="lora_trainer_replace")
+                    regex = gr.Checkbox(label="Regular expression", value=False, elem_id="lora_trainer_regex")
+                    replace_button = gr.Button("Replace in all captions", elem_id="lora_trainer_replace_all")
+                tags = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
+                                    label="Tag frequency", elem_id="lora_trainer_tags")
+                show_captions = gr.Button("Reload images and captions", elem_id="lora_trainer_reload_captions")
+
+            with gr.Tab("3. Settings", elem_id="lora_trainer_tab_settings"):
+                preset = gr.Dropdown(choices=["auto", *FAMILIES], value="auto", label="Preset",
+                                     info="'auto' uses the preset of the model's family; pick one to see and "
+                                          "change its values.", elem_id="lora_trainer_preset")
+                names, inputs = [], []
+                with gr.Row():
+                    for name in BASIC:
+                        names.append(name)
+                        inputs.append(_component(fields[name], defaults.get(name)))
+                with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
+                    groups: dict[str, list[str]] = {}
+                    for name, f in fields.items():
+                        if name not in BASIC and name not in hidden:
+                            groups.setdefault(f.metadata["group"], []).append(name)
+                    for group, members in groups.items():
+                        gr.Markdown(f"**{group.capitalize()}**")
+                        with gr.Row():
+                            for name in members:
+                                names.append(name)
+                                inputs.append(_component(fields[name], defaults.get(name)))
+
+            with gr.Tab("4. Train", elem_id="lora_trainer_tab_train"):
+                with gr.Row():
+                    train_button = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
+                    interrupt_button = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
+                    watch_button = gr.Button("Show progress", elem_id="lora_trainer_watch")
+                status = gr.Markdown(describe(trainer.job), elem_id="lora_trainer_status")
+                with gr.Row():
+                    plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss_plot")
+                    samples = gr.Gallery(label="Samples", columns=4, height=300, elem_id="lora_trainer_samples")
+
+            with gr.Tab("5. Result", elem_id="lora_trainer_tab_result"):
+                results = gr.Dataframe(headers=["LoRA", "prompt", "size (MB)"], datatype=["str", "str", "number"],
+                                       interactive=False, label=f"LoRAs in {host.lora_dir()}",
+                                       elem_id="lora_trainer_results")
+                with gr.Row():
+                    lora_name = gr.Textbox(label="LoRA name", elem_id="lora_trainer_result_name")
+                    refresh_results = gr.Button("Refresh list", elem_id="lora_trainer_refresh_results", scale=0)
+                    if host.can_send_to_txt2img:
+                        send = gr.Button("Send to txt2img", elem_id="lora_trainer_send_txt2img", scale=0)
+                with gr.Row():
+                    test_prompt = gr.Textbox(label="Test prompt", elem_id="lora_trainer_test_prompt")
+                    test_negative = gr.Textbox(label="Negative prompt", elem_id="lora_trainer_test_negative")
+                with gr.Row():
+                    test_strengths = gr.Textbox(label="Strengths", value="0, 0.5, 1",
+                                                elem_id="lora_trainer_test_strengths")
+                    test_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0,
+                                          elem_id="lora_trainer_test_seed")
+                    test_steps = gr.Number(label="Steps", value=20, precision=0, minimum=1, maximum=150,
+                                           elem_id="lora_trainer_test_steps")
+                    test_button = gr.Button("Test", elem_id="lora_trainer_test")
+                test_status = gr.Markdown("", elem_id="lora_trainer_test_status")
+                test_grid = gr.Image(label="Same prompt and seed at each strength", type="pil", interactive=False,
+                                     elem_id="lora_trainer_test_grid")
+
+        base_inputs = [base_model] if host.needs_base_model else []
+
+        # --- handlers (plain functions of the widgets' values; every error becomes a message) ---
+
+        def on_refresh_model():
+            return host.model_line()
+
+        def on_check(folder_value, trigger):
+            return check_dataset(folder_value, trigger or "")
+
+        def on_show_captions(folder_value):
+            from lora_trainer.caption import tag_table
+
+            if not folder_value.strip():
+                return [], [], [], "Type the image folder on the Dataset tab first."
+            try:
+                items, paths = thumbnails(folder_value.strip())
+                table = [[tag, count] for tag, count in tag_table(folder_value.strip())[:200]]
+            except LoraTrainerError as exc:
+                return [], [], [], f"**Problem:** {exc}"
+            return items, paths, table, f"{len(paths)} images."
+
+        def on_caption(folder_value, prefix, existing, model, *extra):
+            from lora_trainer.caption import caption_folder
+
+            values = {"prefix": prefix, "existing": existing, "model": model,
+                      **dict(zip(caption_extra_names, extra))}
+            values = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
+            try:
+                config = make_config(values, CaptionConfig)
+                result = host.run_exclusive(lambda: caption_folder(folder_value.strip(), config))
+            except LoraTrainerError as exc:
+                return (f"**Problem:** {exc}", *on_show_captions(folder_value)[:3])
+            message = f"Captioned {len(result.captioned)} images, kept {len(result.kept)} existing captions"
+            if result.skipped:
+                message += ", could not read " + ", ".join(Path(p).name for p, _ in result.skipped[:10])
+            return (message + ".", *on_show_captions(folder_value)[:3])
+
+        def on_select(paths, evt: gr.SelectData):
+            from lora_trainer.caption import list_captions
+
+            index = evt.index if isinstance(evt.index, int) else evt.index[0]
+            if not paths or index >= len(paths):
+                return "", ""
+            path = Path(paths[index])
+            caption = dict(list_captions(path.parent)).get(path, "")
+            return str(path), caption
+
+        def on_save_caption(folder_value, image, text):
+            from lora_trainer.caption import edit_caption
+
+            if not image:
+                return "Click an image first.", *on_show_captions(folder_value)[:3]
+            try:
+                edit_caption(folder_value.strip(), image, text)
+            except LoraTrainerError as exc:
+                return f"**Problem:** {exc}", *on_show_captions(folder_value)[:3]
+            return f"Saved the caption of {Path(image).name}.", *on_show_captions(folder_value)[:3]
+
+        def on_replace(folder_value, find_value, replace_value, regex_value):
+            import re
+
+            from lora_trainer.caption import replace_in_captions
+
+            if not find_value:
+                return "Type what to find.", *on_show_captions(folder_value)[:3]
+            try:
+                changed = replace_in_captions(folder_value.strip(), find_value, replace_value, regex=regex_value)
+            except (LoraTrainerError, re.error) as exc:
+                return f"**Problem:** {exc}", *on_show_captions(folder_value)[:3]
+            return f"Changed {changed} captions.", *on_show_captions(folder_value)[:3]
+
+        def on_train(folder_value, *args):
+            base = args[:len(base_inputs)]
+            values = form_values(names, args[len(base_inputs):])
+            values["train_data_dir"] = folder_value.strip()
+            if base:
+                values["base_model"] = base[0].strip()
+            try:
+                trainer.start(values)
+            except LoraTrainerError as exc:
+                return f"**Not started:** {exc}"
+            return describe(trainer.job)
+
+        def on_watch():
+            """Stream the job's status until it ends (the page can be closed: training goes on)."""
+            shown = -1
+            while True:
+                job = trainer.job
+                if job is None:
+                    yield describe(None), None, [], result_rows()
+                    return
+                changed = len(job.losses) + len(job.samples) != shown
+                shown = len(job.losses) + len(job.samples)
+                yield (describe(job), loss_image(job) if changed else gr.update(),
+                       sample_images(job) if changed else gr.update(), result_rows())
+                if not job.running:
+                    return
+                time.sleep(POLL_SECONDS)
+
+        def loss_image(job) -> Image.Image | None:
+            from lora_trainer.train.plot import loss_plot
+
+            return loss_plot(job.losses) if job.losses else None
+
+        def sample_images(job) -> list:
+            images = []
+            for path in job.samples[-8:]:
+                try:
+                    with Image.open(path) as image:
+                        images.append((image.convert("RGB"), Path(path).stem))
+                except OSError:
+                    continue
+            return images
+
+        def result_rows() -> list[list]:
+            return [[r["name"], r["prompt"], round(r["size"] / 2**20, 2)] for r in trainer.results()] or \
+                [["", "", 0]]
+
+        def on_interrupt():
+            return describe(trainer.job) if trainer.interrupt() else "Nothing is training."
+
+        def on_pick_result(rows, evt: gr.SelectData):
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else 0
+            try:
+                return rows.values.tolist()[row][0] if hasattr(rows, "values") else rows[row][0]
+            except (IndexError, KeyError):
+                return ""
+
+        def on_test(name, prompt, negative, strengths, seed, steps, *args):
+            from lora_trainer.ui.render import parse_strengths
+
+            name = (name or (trainer.job.name if trainer.job else "")).strip()
+            if not name:
+                return "Pick a LoRA from the list or type its name.", None
+            try:
+                weights = parse_strengths(strengths)
+                grid = host.run_exclusive(lambda: host.test_grid(
+                    name, prompt or "", negative or "", weights, int(seed or 0), int(steps or 20),
+                    base_model=args[0].strip() if args else ""))
+            except LoraTrainerError as exc:
+                return f"**Problem:** {exc}", None
+            return f"{name} at strengths {', '.join(f'{w:g}' for w in weights)}.", grid
+
+        # --- wiring ---
+        refresh_model.click(on_refresh_model, None, [model_info])
+        check.click(on_check, [folder, inputs[names.index("trigger_word")]], [report])
+        show_outputs = [gallery, image_paths, tags, caption_status]
+        show_captions.click(on_show_captions, [folder], show_outputs)
+        caption_button.click(on_caption, [folder, caption_prefix, caption_existing, caption_model, *caption_extra],
+                             [caption_status, gallery, image_paths, tags])
+        gallery.select(on_select, [image_paths], [selected, caption_edit])
+        save_caption.click(on_save_caption, [folder, selected, caption_edit], [caption_status, gallery, image_paths, tags])
+        replace_button.click(on_replace, [folder, find, replace, regex], [caption_status, gallery, image_paths, tags])
+        preset.change(lambda family: preset_values(family, names), [preset], inputs)
+        watch_outputs = [status, plot, samples, results]
+        train_button.click(on_train, [folder, *base_inputs, *inputs], [status]).then(on_watch, None, watch_outputs)
+        watch_button.click(on_watch, None, watch_outputs)
+        interrupt_button.click(on_interrupt, None, [status])
+        refresh_results.click(result_rows, None, [results])
+        results.select(on_pick_result, [results], [lora_name])
+        test_button.click(on_test, [lora_name, test_prompt, test_negative, test_strengths, test_seed, test_steps,
+                                    *base_inputs], [test_status, test_grid])
+        if host.can_send_to_txt2img:
+            js = "(name) => { loraTrainerSendToTxt2img(name); return [name]; }"
+            send.click(None, [lora_name], [lora_name], **_js_kwarg(js))
+        blocks.load(result_rows, None, [results])
+    return blocks
+
+
+def _js_kwarg(code: str) -> dict[str, str]:
+    """Gradio 3 names a client-side handler `_js`, Gradio 4 and later `js`."""
+    major = int(gr.__version__.split(".")[0])
+    return {"_js": code} if major < 4 else {"js": code}

@@ -1,0 +1,58 @@
+"""Test renders of a finished LoRA: one prompt, one seed, one image per strength, side by side."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image, ImageDraw
+
+from lora_trainer.errors import ConfigError
+
+
+def parse_strengths(text: str) -> list[float]:
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0], refusing anything that is not a list of finite numbers."""
+    try:
+        weights = [float(w) for w in str(text).replace(";", ",").split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"Strengths must be numbers separated by commas, got {text!r}.") from None
+    if not weights or any(not math.isfinite(w) for w in weights):
+        raise ConfigError("Give at least one LoRA strength, e.g. 0, 0.5, 1.")
+    return weights
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Images in one row with a caption strip under each."""
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height + 20), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        grid.paste(image.convert("RGB").resize((width, height)), (index * width, 0))
+        draw.text((index * width + 4, height + 4), label, fill="black")
+    return grid
+
+
+def render_strengths(base_model: str, lora_file: str, prompt: str, negative: str, strengths: list[float], *,
+                     seed: int = 0, steps: int = 20, size: int | None = None, guidance: float = 7.0,
+                     allow_pickle: bool = False) -> Image.Image:
+    """Render `prompt` on a checkpoint file with the LoRA at each strength (the standalone app's Test)."""
+    from lora_trainer.backbones.sd import DiffusionBackbone
+    from lora_trainer.config import PRESETS
+    from lora_trainer.lora.inject import apply_lora_file, set_lora_strength
+
+    backbone = DiffusionBackbone.from_file(base_model, allow_pickle=allow_pickle)
+    apply_lora_file(backbone, lora_file, 1.0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = backbone.sampling_pipeline()
+    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    size = (size or PRESETS[backbone.family]["resolution"]) // 8 * 8
+    images = []
+    with torch.no_grad():
+        for weight in strengths:
+            for model in (backbone.unet, *backbone.text_encoders):
+                set_lora_strength(model, weight)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            images.append(pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                               guidance_scale=guidance, generator=generator, height=size, width=size).images[0])
+    return labelled_grid(images, [f"strength {w:g}" for w in strengths])
