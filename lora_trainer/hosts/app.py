@@ -57,7 +57,7 @@ class StandaloneHost:
             values["output_dir"] = str(self.output_root / values["output_name"])
         return values
 
-    def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken):
+    def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         from lora_trainer.train.loop import train_lora
 
         with self._busy:

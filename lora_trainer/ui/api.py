@@ -4,8 +4,7 @@ The same routes are mounted on the WebUI's FastAPI app (on_app_started) and on t
 Bodies are read as plain JSON, so the routes work under pydantic 1 (WebUI) and 2 (Forge, current FastAPI).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must see the real Request class in the route signature
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.ui.jobs import BusyError, Trainer
 

@@ -208,6 +208,8 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                     train_button = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
                     interrupt_button = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
                     watch_button = gr.Button("Show progress", elem_id="lora_trainer_watch")
+                gr.HTML('<div id="lora_trainer_progress"></div>')  # the WebUI's own progress bar goes here
+                task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")
                 status = gr.Markdown(describe(trainer.job), elem_id="lora_trainer_status")
                 with gr.Row():
                     plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss_plot")
@@ -316,10 +318,10 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             if base:
                 values["base_model"] = base[0].strip()
             try:
-                trainer.start(values)
+                job = trainer.start(values)
             except LoraTrainerError as exc:
-                return f"**Not started:** {exc}"
-            return describe(trainer.job)
+                return f"**Not started:** {exc}", ""
+            return describe(job), f"task(lora_trainer-{job.id})"
 
         def on_watch():
             """Stream the job's status until it ends (the page can be closed: training goes on)."""
@@ -393,7 +395,11 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         replace_button.click(on_replace, [folder, find, replace, regex], [caption_status, gallery, image_paths, tags])
         preset.change(lambda family: preset_values(family, names), [preset], inputs)
         watch_outputs = [status, plot, samples, results]
-        train_button.click(on_train, [folder, *base_inputs, *inputs], [status]).then(on_watch, None, watch_outputs)
+        started = train_button.click(on_train, [folder, *base_inputs, *inputs], [status, task_id])
+        progress_js = getattr(host, "progress_js", None)
+        if progress_js:  # the host's own progress bar (the WebUI's requestProgress) follows the job too
+            started = started.then(None, [task_id], None, **_js_kwarg(progress_js))
+        started.then(on_watch, None, watch_outputs)
         watch_button.click(on_watch, None, watch_outputs)
         interrupt_button.click(on_interrupt, None, [status])
         refresh_results.click(result_rows, None, [results])

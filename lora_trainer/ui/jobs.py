@@ -33,7 +33,7 @@ class Host(Protocol):
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         """Fill host-chosen keys (base model, output folder, precision) into the form's values."""
 
-    def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken):
+    def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         """Train (taking the host's locks) and return the engine's TrainResult."""
 
     def publish(self, lora_file: Path, name: str) -> Path:
@@ -137,7 +137,7 @@ class Trainer:
         try:
             job.state = "waiting"
             job.message = "Waiting for the model."
-            result = self.host.run(config, [lambda event: self._on_event(job, event)], cancel)
+            result = self.host.run(config, [lambda event: self._on_event(job, event)], cancel, job_id=job.id)
             if result.lora_file is None:
                 job.state = "interrupted" if result.interrupted else "error"
                 job.message = "Stopped before the first step; nothing was saved." if result.interrupted \

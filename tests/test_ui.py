@@ -1,0 +1,155 @@
+"""The UI's job runner, API routes and form helpers, without a browser (tests/test_ui_browser.py has one)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import quick_config
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.hosts.app import StandaloneHost
+from lora_trainer.train.loop import TrainResult
+from lora_trainer.ui.jobs import BusyError, Trainer, describe
+
+
+def _values(checkpoint: Path, data: Path, **extra) -> dict:
+    values = {"base_model": str(checkpoint), "train_data_dir": str(data), "output_name": "ui_lora", "resolution": 64,
+              "batch_size": 2, "max_steps": 3, "device": "cpu", "lora_rank": 4, "save_every_n_epochs": 0,
+              "log_every_n_steps": 1, "learning_rate": 1e-3}
+    return {**values, **extra}
+
+
+def test_a_job_trains_publishes_and_reports(tmp_path, sd1_checkpoint, dataset):
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    job = trainer.start(_values(sd1_checkpoint, dataset))
+    trainer.wait(300)
+    assert job.state == "done", job.message
+    assert Path(job.lora_file) == tmp_path / "loras" / "ui_lora.safetensors" and Path(job.lora_file).is_file()
+    assert job.step == job.total == 3 and [s for s, _ in job.losses] == [1, 2, 3]
+    assert "done" in describe(job) and "<lora:ui_lora:0.8>" in job.message
+    assert trainer.results()[0]["name"] == "ui_lora"
+    assert (tmp_path / "out" / "ui_lora" / "config.yaml").is_file()  # the host chose the output folder
+
+
+def test_bad_values_are_refused_before_anything_starts(tmp_path, sd1_checkpoint, dataset):
+    trainer = Trainer(StandaloneHost(tmp_path / "loras", tmp_path / "out"))
+    with pytest.raises(ConfigError, match="lora_rank"):
+        trainer.start(_values(sd1_checkpoint, dataset, lora_rank=0))
+    with pytest.raises(ConfigError, match="base model"):
+        trainer.start(_values("", dataset))
+    assert trainer.job is None
+
+
+class _SlowHost(StandaloneHost):
+    """Blocks inside run() until released, so a second start meets a running job."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.release = threading.Event()
+
+    def run(self, config, listeners, cancel, job_id=""):
+        with self._busy:
+            self.release.wait(30)
+        return TrainResult(None, Path(config.output_dir), 0, 0, interrupted=True)
+
+
+def test_one_job_at_a_time(tmp_path, sd1_checkpoint, dataset):
+    host = _SlowHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    trainer.start(_values(sd1_checkpoint, dataset))
+    with pytest.raises(BusyError, match="already running"):
+        trainer.start(_values(sd1_checkpoint, dataset))
+    with pytest.raises(BusyError):
+        host.run_exclusive(lambda: None)  # captioning waits for no one: it says training runs
+    host.release.set()
+    job = trainer.wait(30)
+    assert job.state == "interrupted" and "nothing was saved" in job.message
+    assert host.run_exclusive(lambda: 7) == 7
+
+
+def test_interrupt_saves_the_lora_so_far_under_its_own_name(tmp_path, sd1_checkpoint, dataset):
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    original = host.run
+
+    def run_and_stop_at_step_2(config, listeners, cancel, job_id=""):
+        def stop(event):
+            if event.kind == "progress" and event.step == 2 and "phase" not in event.data:
+                trainer.interrupt()
+        return original(config, [*listeners, stop], cancel, job_id)
+
+    host.run = run_and_stop_at_step_2
+    job = trainer.start(_values(sd1_checkpoint, dataset, max_steps=6))
+    trainer.wait(300)
+    assert job.state == "interrupted", job.message
+    assert Path(job.lora_file).name == "ui_lora-step000002.safetensors"
+    assert not (tmp_path / "loras" / "ui_lora.safetensors").exists()  # the finished name stays free
+    assert not trainer.interrupt()
+
+
+def test_api_routes(tmp_path, sd1_checkpoint, dataset):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.ui.api import register_api
+
+    trainer = Trainer(StandaloneHost(tmp_path / "loras", tmp_path / "out"))
+    app = FastAPI()
+    register_api(app, trainer)
+    client = TestClient(app)
+    assert client.get("/lora_trainer/status").json() == {"state": "idle", "running": False}
+    assert client.post("/lora_trainer/train", json={"config": {"lora_rank": "many"}}).status_code == 422
+    assert client.post("/lora_trainer/train", content=b"not json").status_code == 400
+    started = client.post("/lora_trainer/train", json={"config": _values(sd1_checkpoint, dataset)})
+    assert started.status_code == 201 and started.json()["name"] == "ui_lora"
+    trainer.wait(300)
+    status = client.get("/lora_trainer/status").json()
+    assert status["state"] == "done" and status["running"] is False and status["lora_file"].endswith("ui_lora.safetensors")
+    assert [r["name"] for r in client.get("/lora_trainer/results").json()] == ["ui_lora"]
+    assert client.post("/lora_trainer/interrupt").json() == {"interrupted": False}
+
+
+def test_form_values_and_presets():
+    gr = pytest.importorskip("gradio")
+    from lora_trainer.config import PRESETS
+    from lora_trainer.ui.blocks import PRESET, form_values, preset_values
+
+    names = ["lora_rank", "learning_rate", "optimizer", "max_steps", "max_token_length", "sample_prompts", "flip_aug"]
+    values = form_values(names, (0, 2e-4, PRESET, 10.0, "150", "a cat\nan owl", True))
+    assert values == {"learning_rate": 2e-4, "max_steps": 10, "max_token_length": "150",
+                      "sample_prompts": "a cat\nan owl", "flip_aug": True}
+    config = quick_config(Path("x"), Path("y"), Path("z"), **values)
+    assert config.max_token_length == 150 and config.sample_prompts == ["a cat", "an owl"]
+    sdxl = preset_values("sdxl", names)
+    assert sdxl[0] == PRESETS["sdxl"]["lora_rank"] and sdxl[2] == PRESETS["sdxl"]["optimizer"]
+    assert preset_values("auto", names)[:3] == [0, 0, PRESET]
+    assert isinstance(sdxl[3], dict)  # non-preset keys are left as the user set them (gr.update())
+    del gr
+
+
+def test_blocks_build_with_the_installed_gradio(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.config import config_fields
+    from lora_trainer.ui.blocks import build_blocks
+
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    blocks = build_blocks(host, Trainer(host))
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    for f in config_fields():
+        assert f.name in ("train_data_dir", "base_model") or f"lora_trainer_{f.name}" in ids, f.name
+    assert {"lora_trainer_train", "lora_trainer_interrupt", "lora_trainer_caption", "lora_trainer_test"} <= ids
+
+
+def test_check_dataset_reports_problems(tmp_path, dataset):
+    pytest.importorskip("gradio")
+    from lora_trainer.ui.blocks import check_dataset
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "ok.png").write_bytes((dataset / "img0.png").read_bytes())
+    report = check_dataset(str(tmp_path))
+    assert "1 usable images" in report and "broken.png" in report and "captions found: 0 of 1" in report
+    assert "Problem" in check_dataset(str(tmp_path / "nowhere"))
