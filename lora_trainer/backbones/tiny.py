@@ -156,6 +156,11 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
         config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
         ckpt.update(_prefixed("cond_stage_model.transformer.", text_model_keys(CLIPTextModel(config).state_dict())))
+    for key, value in ckpt.items():
+        if key.endswith(("final_layer_norm.bias", "ln_final.bias")):
+            # a zero bias makes the empty prompt's states average exactly 0, and the WebUI's emphasis
+            # renormalisation (mean before / mean after) then divides 0 by 0
+            value.copy_(0.05 + 0.02 * torch.randn_like(value))
     return {k: v.to(torch.float16).contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
 
 

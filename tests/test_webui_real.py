@@ -1,0 +1,141 @@
+"""The extension inside a real Stable Diffusion WebUI (AUTOMATIC1111 1.10): start it offline on the CPU, train
+through the /lora_trainer/ API on the loaded tiny checkpoint, then render <lora:NAME:w> through /sdapi/v1/txt2img.
+
+Skipped unless WEBUI_PATH points at a WebUI checkout whose repositories/ are in place. WEBUI_PYTHON is its
+Python (default WEBUI_PATH/venv/bin/python) with this project's dependencies installed (install.py does that),
+and the environment must let it start offline (e.g. HF_HOME holding the CLIP-L tokenizer and config,
+HF_HUB_OFFLINE=1). Everything the test writes goes to a temporary --data-dir: the checkpoint and its .yaml,
+the Lora folder, a link to this extension, the WebUI's settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+WEBUI = os.environ.get("WEBUI_PATH")
+pytestmark = pytest.mark.skipif(not WEBUI, reason="set WEBUI_PATH to a Stable Diffusion WebUI checkout to run")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)
+
+
+def _tiny_yaml(webui: Path) -> str:
+    """The WebUI's SD1 config with the UNet shrunk to the tiny checkpoint's one level."""
+    text = (webui / "configs" / "v1-inference.yaml").read_text()
+    text = re.sub(r"attention_resolutions: \[.*?\]", "attention_resolutions: [ 1 ]", text)
+    text = re.sub(r"num_res_blocks: \d+", "num_res_blocks: 1", text)
+    return re.sub(r"channel_mult: \[.*?\]", "channel_mult: [ 1 ]", text)
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    from lora_trainer.backbones.tiny import build_tiny_checkpoint
+
+    webui = Path(WEBUI)
+    python = os.environ.get("WEBUI_PYTHON", str(webui / "venv" / "bin" / "python"))
+    data_dir = tmp_path_factory.mktemp("webui_data")
+    models = data_dir / "models" / "Stable-diffusion"
+    checkpoint = build_tiny_checkpoint(models / "tiny_sd1.safetensors", "sd1-host")
+    checkpoint.with_suffix(".yaml").write_text(_tiny_yaml(webui))
+    (data_dir / "extensions").mkdir()
+    (data_dir / "extensions" / "lora_trainer").symlink_to(REPO)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = data_dir / "webui.log"
+    args = [python, "launch.py", "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check",
+            "--skip-install", "--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full",
+            "--no-download-sd-model", "--do-not-download-clip", "--api", "--nowebui", "--server-name", "127.0.0.1",
+            "--port", str(port), "--data-dir", str(data_dir), "--ckpt", str(checkpoint)]
+    env = {**os.environ, "COMMANDLINE_ARGS": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        server = subprocess.Popen(args, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            _get(f"{url}/lora_trainer/status")
+            _get(f"{url}/sdapi/v1/options")
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the WebUI did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+    yield {"url": url, "data_dir": data_dir, "log": log_path}
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def _render(url: str, prompt: str) -> np.ndarray:
+    body = {"prompt": prompt, "negative_prompt": "", "seed": 1, "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler", "cfg_scale": 7}
+    image = _post(f"{url}/sdapi/v1/txt2img", body)["images"][0]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")).astype(np.float32)
+
+
+def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
+    url = webui["url"]
+    data = tmp_path / "blobs"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[..., 0] = 200
+        pixels[16:48, 16:48] = rng.integers(0, 255, 3)
+        Image.fromarray(pixels).save(data / f"blob{i}.png")
+        (data / f"blob{i}.txt").write_text("zkblob, a red square")
+
+    base = _render(url, "zkblob, a red square")
+    config = {"train_data_dir": str(data), "output_name": "webui_real", "resolution": 64, "enable_buckets": False,
+              "batch_size": 2, "max_steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "lora_alpha": 4,
+              "save_every_n_epochs": 0, "log_every_n_steps": 5}
+    job = _post(f"{url}/lora_trainer/train", {"config": config})
+    assert job["state"] in ("starting", "waiting", "caching", "training"), job
+    with pytest.raises(urllib.error.HTTPError) as busy:
+        _post(f"{url}/lora_trainer/train", {"config": config})
+    assert busy.value.code == 409
+    deadline = time.time() + 600
+    while (status := _get(f"{url}/lora_trainer/status"))["running"]:
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status["state"] == "done", status["message"] + "\n" + webui["log"].read_text()[-3000:]
+    lora = webui["data_dir"] / "models" / "Lora" / "webui_real.safetensors"
+    assert Path(status["lora_file"]) == lora and lora.is_file()
+    assert len(status["losses"]) == 4
+    assert "webui_real" in [r["name"] for r in _get(f"{url}/lora_trainer/results")]
+    assert "webui_real" in [entry["name"] for entry in _get(f"{url}/sdapi/v1/loras")]  # listed without a restart
+
+    with_lora = _render(url, "zkblob, a red square <lora:webui_real:1>")
+    at_zero = _render(url, "zkblob, a red square <lora:webui_real:0>")
+    after = _render(url, "zkblob, a red square")
+    assert np.abs(with_lora - base).max() > 1, "the LoRA changed nothing"
+    assert np.array_equal(at_zero, base)
+    assert np.array_equal(after, base)  # the WebUI's model is as it was before training
