@@ -138,7 +138,9 @@ def test_blocks_build_with_the_installed_gradio(tmp_path):
 
     host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
     blocks = build_blocks(host, Trainer(host))
-    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    ids = [getattr(b, "elem_id", None) for b in blocks.blocks.values() if getattr(b, "elem_id", None)]
+    assert len(ids) == len(set(ids)), "element ids must be unique on the page"
+    ids = set(ids)
     for f in config_fields():
         assert f.name in ("train_data_dir", "base_model") or f"lora_trainer_{f.name}" in ids, f.name
     assert {"lora_trainer_train", "lora_trainer_interrupt", "lora_trainer_caption", "lora_trainer_test"} <= ids

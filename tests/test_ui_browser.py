@@ -102,8 +102,8 @@ def test_fill_caption_train_and_see_the_result(app):
 
         # 2. captions with the tiny BLIP, then review them
         page.get_by_role("tab", name="2. Captions").click()
-        _box(page, "lora_trainer_prefix").fill("zkcat")
-        _box(page, "lora_trainer_model").fill(str(app["blip"]))
+        _box(page, "lora_trainer_caption_prefix").fill("zkcat")
+        _box(page, "lora_trainer_caption_model").fill(str(app["blip"]))
         page.locator("#lora_trainer_caption").click()
         expect(page.locator("#lora_trainer_caption_status")).to_contain_text("Captioned 4 images", timeout=120_000)
         expect(page.locator("#lora_trainer_tags")).to_contain_text("zkcat")

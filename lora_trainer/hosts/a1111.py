@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 TAB = ("LoRA Train", "lora_trainer")
 SECTION = ("lora_trainer", "LoRA Trainer")
-PROGRESS_JS = "(task) => { loraTrainerProgress(task); return []; }"
+PROGRESS_JS = "(task) => { loraTrainerProgress(task); return [task]; }"
 _trainer: Trainer | None = None
 
 

@@ -30,6 +30,7 @@ BASIC = ("output_name", "trigger_word", "epochs", "max_steps", "lora_rank", "lea
 ALWAYS_HIDDEN = ("train_data_dir", "base_model")  # they have their own boxes on the Dataset tab
 THUMBNAIL = 256
 PRESET = "preset"
+CAPTION_ID = "lora_trainer_caption_"  # element ids of the captioning options (they share names with training keys)
 POLL_SECONDS = 1.0
 
 
@@ -37,10 +38,10 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize()
 
 
-def _component(f: dataclasses.Field, value: Any = None) -> gr.components.Component:
+def _component(f: dataclasses.Field, value: Any = None, prefix: str = "lora_trainer_") -> gr.components.Component:
     """A form field generated from a config field: its type, bounds, choices and help as the tooltip."""
     meta = f.metadata
-    elem_id = f"lora_trainer_{f.name}"
+    elem_id = f"{prefix}{f.name}"
     info = meta["help"]
     default = f.default if value is None and f.default is not dataclasses.MISSING else value
     if meta["choices"]:
@@ -157,13 +158,13 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
 
             with gr.Tab("2. Captions", elem_id="lora_trainer_tab_captions"):
                 with gr.Row():
-                    caption_prefix = _component(caption_fields["prefix"])
-                    caption_existing = _component(caption_fields["existing"])
-                    caption_model = _component(caption_fields["model"])
+                    caption_prefix = _component(caption_fields["prefix"], prefix=CAPTION_ID)
+                    caption_existing = _component(caption_fields["existing"], prefix=CAPTION_ID)
+                    caption_model = _component(caption_fields["model"], prefix=CAPTION_ID)
                 with gr.Accordion("More captioning options", open=False):
                     caption_extra_names = ["prompt", "suffix", "output", "num_beams", "min_length", "max_length",
                                            "batch_size", "device"]
-                    caption_extra = [_component(caption_fields[n]) for n in caption_extra_names]
+                    caption_extra = [_component(caption_fields[n], prefix=CAPTION_ID) for n in caption_extra_names]
                 caption_button = gr.Button("Caption with BLIP", variant="primary", elem_id="lora_trainer_caption")
                 caption_status = gr.Markdown("", elem_id="lora_trainer_caption_status")
                 image_paths = gr.State([])
@@ -323,7 +324,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 return f"**Not started:** {exc}", ""
             return describe(job), f"task(lora_trainer-{job.id})"
 
-        def on_watch():
+        def on_watch(_task: str = ""):
             """Stream the job's status until it ends (the page can be closed: training goes on)."""
             shown = -1
             while True:
@@ -396,10 +397,9 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         preset.change(lambda family: preset_values(family, names), [preset], inputs)
         watch_outputs = [status, plot, samples, results]
         started = train_button.click(on_train, [folder, *base_inputs, *inputs], [status, task_id])
+        # the host's own progress bar (the WebUI's requestProgress) follows the job too, from the same step
         progress_js = getattr(host, "progress_js", None)
-        if progress_js:  # the host's own progress bar (the WebUI's requestProgress) follows the job too
-            started = started.then(None, [task_id], None, **_js_kwarg(progress_js))
-        started.then(on_watch, None, watch_outputs)
+        started.then(on_watch, [task_id], watch_outputs, **(_js_kwarg(progress_js) if progress_js else {}))
         watch_button.click(on_watch, None, watch_outputs)
         interrupt_button.click(on_interrupt, None, [status])
         refresh_results.click(result_rows, None, [results])
