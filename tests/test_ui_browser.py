@@ -117,8 +117,11 @@ def test_fill_caption_train_and_see_the_result(app):
             _box(page, f"lora_trainer_{key}").fill(value)
             _box(page, f"lora_trainer_{key}").press("Tab")
         page.locator("#lora_trainer_advanced").get_by_text("Advanced").first.click()
-        _box(page, "lora_trainer_log_every_n_steps").fill("1")
-        _box(page, "lora_trainer_log_every_n_steps").press("Tab")
+        log_every = _box(page, "lora_trainer_log_every_n_steps")
+        expect(log_every).to_be_visible()
+        log_every.fill("1")
+        log_every.press("Tab")
+        expect(log_every).to_have_value("1")
 
         # 4. train, watch the loss plot appear
         page.get_by_role("tab", name="4. Train").click()
