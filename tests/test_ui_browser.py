@@ -85,6 +85,17 @@ def _box(page, elem_id: str):
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
 
+def _tab(page, name: str):
+    """A tab button (role 'tab' in Gradio 4 and later, a plain button in 3.x)."""
+    tab = page.get_by_role("tab", name=name)
+    return tab if tab.count() else page.get_by_role("button", name=name, exact=True)
+
+
+def _text(page, elem_id: str):
+    """A Markdown/Dataframe by id (Gradio 3.41 repeats a Markdown's id on its inner element)."""
+    return page.locator(f"#{elem_id}").first
+
+
 def test_fill_caption_train_and_see_the_result(app):
     from playwright.sync_api import expect, sync_playwright
 
@@ -97,20 +108,20 @@ def test_fill_caption_train_and_see_the_result(app):
         _box(page, "lora_trainer_base_model").fill(str(app["checkpoint"]))
         _box(page, "lora_trainer_train_data_dir").fill(str(app["data"]))
         page.locator("#lora_trainer_check").click()
-        expect(page.locator("#lora_trainer_dataset_report")).to_contain_text("4 usable images", timeout=30_000)
-        expect(page.locator("#lora_trainer_dataset_report")).to_contain_text("captions found: 0 of 4")
+        expect(_text(page, "lora_trainer_dataset_report")).to_contain_text("4 usable images", timeout=30_000)
+        expect(_text(page, "lora_trainer_dataset_report")).to_contain_text("captions found: 0 of 4")
 
         # 2. captions with the tiny BLIP, then review them
-        page.get_by_role("tab", name="2. Captions").click()
+        _tab(page, "2. Captions").click()
         _box(page, "lora_trainer_caption_prefix").fill("zkcat")
         _box(page, "lora_trainer_caption_model").fill(str(app["blip"]))
         page.locator("#lora_trainer_caption").click()
-        expect(page.locator("#lora_trainer_caption_status")).to_contain_text("Captioned 4 images", timeout=120_000)
-        expect(page.locator("#lora_trainer_tags")).to_contain_text("zkcat")
+        expect(_text(page, "lora_trainer_caption_status")).to_contain_text("Captioned 4 images", timeout=120_000)
+        expect(_text(page, "lora_trainer_tags")).to_contain_text("zkcat")
         assert all((app["data"] / f"img{i}.txt").read_text().startswith("zkcat") for i in range(4))
 
         # 3. settings
-        page.get_by_role("tab", name="3. Settings").click()
+        _tab(page, "3. Settings").click()
         _box(page, "lora_trainer_output_name").fill("browser_lora")
         for key, value in {"max_steps": "4", "resolution": "64", "lora_rank": "4", "batch_size": "2",
                            "learning_rate": "0.001"}.items():
@@ -124,16 +135,16 @@ def test_fill_caption_train_and_see_the_result(app):
         expect(log_every).to_have_value("1")
 
         # 4. train, watch the loss plot appear
-        page.get_by_role("tab", name="4. Train").click()
+        _tab(page, "4. Train").click()
         page.locator("#lora_trainer_train").click()
-        expect(page.locator("#lora_trainer_status")).to_contain_text("done", timeout=300_000)
-        expect(page.locator("#lora_trainer_status")).to_contain_text("<lora:browser_lora:0.8>")
+        expect(_text(page, "lora_trainer_status")).to_contain_text("done", timeout=300_000)
+        expect(_text(page, "lora_trainer_status")).to_contain_text("<lora:browser_lora:0.8>")
         expect(page.locator("#lora_trainer_loss_plot img")).to_be_visible(timeout=20_000)
         page.screenshot(path=str(app["shots"] / "train.png"), full_page=True)
 
         # 5. the result is listed
-        page.get_by_role("tab", name="5. Result").click()
-        expect(page.locator("#lora_trainer_results")).to_contain_text("browser_lora", timeout=20_000)
+        _tab(page, "5. Result").click()
+        expect(_text(page, "lora_trainer_results")).to_contain_text("browser_lora", timeout=20_000)
         browser.close()
 
     assert (app["loras"] / "browser_lora.safetensors").is_file()
