@@ -214,7 +214,7 @@ def test_a_failed_copy_into_loras_keeps_the_old_file(comfy, tmp_path, monkeypatc
         Path(dst).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(comfyui.shutil, "copyfile", disk_full)
+    monkeypatch.setattr("shutil.copyfile", disk_full)
     with pytest.raises(HostError, match="No space left"):
         comfyui.publish(new, "kept")
     assert old.read_bytes() == b"previous lora"

@@ -80,6 +80,9 @@ class FakeLDM(torch.nn.Module):
     def get_first_stage_encoding(self, dist):
         return dist.mean * self.first_stage_model.config.scaling_factor
 
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.first_stage_model.config.scaling_factor).sample
+
 
 def _recorder(store: dict, name: str):
     """A script_callbacks.on_* stand-in that records the callback it is given."""
@@ -290,3 +293,18 @@ def test_fit_chunks_pads_with_the_empty_prompt_and_truncates():
     padded = _fit_chunks(one, 2, empty)
     assert padded.shape == (2, 154, 8) and padded[:, 77:].abs().sum() == 0
     assert _fit_chunks(torch.ones(1, 231, 8), 2, empty).shape == (1, 154, 8)
+
+
+def test_sample_images_come_from_the_webuis_encoders_and_the_trained_unet(webui):
+    from PIL import Image
+
+    trainer = webui.a1111.trainer()
+    clean = _unet_hash(webui.sd_model)
+    job = trainer.start(_config(webui, max_steps=4, sample_prompts=["a cat", "an owl"], sample_every_n_steps=2,
+                                sample_steps=3))
+    trainer.wait(300)
+    assert job.state == "done", job.message
+    assert len(job.samples) == 4  # two prompts at steps 2 and 4
+    with Image.open(job.samples[-1]) as image:
+        assert image.size == (64, 64) and len(set(image.getdata())) > 1
+    assert _unet_hash(webui.sd_model) == clean

@@ -116,7 +116,7 @@ def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
     base = _render(url, "zkblob, a red square")
     config = {"train_data_dir": str(data), "output_name": "webui_real", "resolution": 64, "enable_buckets": False,
               "batch_size": 2, "max_steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "lora_alpha": 4,
-              "save_every_n_epochs": 0, "log_every_n_steps": 5}
+              "save_every_n_epochs": 0, "log_every_n_steps": 5, "sample_prompts": ["zkblob"], "sample_steps": 2}
     job = _post(f"{url}/lora_trainer/train", {"config": config})
     assert job["state"] in ("starting", "waiting", "caching", "training"), job
     with pytest.raises(urllib.error.HTTPError) as busy:
@@ -130,6 +130,7 @@ def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
     lora = webui["data_dir"] / "models" / "Lora" / "webui_real.safetensors"
     assert Path(status["lora_file"]) == lora and lora.is_file()
     assert len(status["losses"]) == 4
+    assert len(status["samples"]) == 1 and Path(status["samples"][0]).is_file()  # rendered with the WebUI's VAE
     assert "webui_real" in [r["name"] for r in _get(f"{url}/lora_trainer/results")]
     assert "webui_real" in [entry["name"] for entry in _get(f"{url}/sdapi/v1/loras")]  # listed without a restart
 

@@ -7,10 +7,13 @@ encoder (its tokenizer, clip skip, SDXL conditioning), so what is trained matche
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image
 
 from lora_trainer.backbones import ldm
 from lora_trainer.backbones.sd import DiffusionBackbone
@@ -23,22 +26,26 @@ class HostBackbone(DiffusionBackbone):
     image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True)
     prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = field(default=None, kw_only=True)
     release: Callable[[], None] | None = field(default=None, kw_only=True)
+    image_decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True)
 
     @classmethod
     def from_ldm_unet(cls, unet_state_dict: dict[str, torch.Tensor], family: str, *,
                       encode_images: Callable[[torch.Tensor], torch.Tensor],
                       encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
                       pooled_dim: int | None = None, prediction_type: str = "epsilon",
-                      name: str = "host model", release: Callable[[], None] | None = None) -> HostBackbone:
+                      name: str = "host model", release: Callable[[], None] | None = None,
+                      decode_images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> HostBackbone:
         """Share a host's LDM UNet tensors (keys without 'model.diffusion_model.') and use its encoders.
 
         `encode_images` takes pixels in [-1, 1] (B, 3, H, W) and returns latents already scaled by the VAE
-        factor; `encode_prompts` returns {'hidden': (B, 77, C)} and for SDXL also {'pooled': (B, P)}.
+        factor; `encode_prompts` returns {'hidden': (B, 77, C)} and for SDXL also {'pooled': (B, P)};
+        `decode_images` (optional: it enables preview images) turns such latents back into pixels in [-1, 1].
         """
         unet = ldm.unet_from_ldm(unet_state_dict, family, pooled_dim)
         return cls(family=family, unet=unet, vae=None, text_encoders=[], tokenizers=[],
                    prediction_type=prediction_type, name=name,
-                   image_encoder=encode_images, prompt_encoder=encode_prompts, release=release)
+                   image_encoder=encode_images, prompt_encoder=encode_prompts, release=release,
+                   image_decoder=decode_images)
 
     def offload_encoders(self) -> None:
         """Let the host free its VAE and text encoder (`release`), once everything is encoded."""
@@ -54,3 +61,50 @@ class HostBackbone(DiffusionBackbone):
         """Text conditioning from the host's text encoder."""
         with torch.no_grad():
             return self.prompt_encoder(prompts)
+
+    @property
+    def can_render(self) -> bool:
+        """Preview images need the host's VAE decoder."""
+        return self.image_decoder is not None
+
+    def sampling_pipeline(self) -> HostSampler:
+        """A small txt2img over the UNet being trained and the host's encoders, for preview images."""
+        return HostSampler(self)
+
+
+class HostSampler:
+    """Euler sampling with classifier-free guidance: the host's text encoder and VAE, the trained UNet.
+
+    Called like a diffusers pipeline (`pipe(prompt, num_inference_steps=..., ...).images`), so the training
+    loop's preview code serves both kinds of backbone.
+    """
+
+    def __init__(self, backbone: HostBackbone) -> None:
+        self.backbone = backbone
+
+    def set_progress_bar_config(self, **_) -> None:
+        """Nothing to configure: there is no progress bar."""
+
+    def __call__(self, prompt: str, *, num_inference_steps: int, guidance_scale: float, generator: torch.Generator,
+                 height: int, width: int, negative_prompt: str | None = None):
+        from diffusers import EulerDiscreteScheduler
+
+        backbone = self.backbone
+        weight = next(backbone.unet.parameters())
+        cond = backbone.encode_prompts([negative_prompt or "", prompt])
+        both = {k: v.to(weight.device, weight.dtype) for k, v in cond.items()}
+        scheduler = EulerDiscreteScheduler.from_config(backbone.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=weight.device)
+        latents = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(weight.device)
+        latents = latents * scheduler.init_noise_sigma
+        time_ids = None
+        if backbone.family == "sdxl":
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32, device=weight.device)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t).to(weight.dtype)
+                uncond, text = backbone.predict(model_input, t.expand(2), both, time_ids).float().chunk(2)
+                latents = scheduler.step(uncond + guidance_scale * (text - uncond), t, latents).prev_sample
+            pixels = backbone.image_decoder(latents)
+        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return types.SimpleNamespace(images=[Image.fromarray(np.ascontiguousarray(array))])

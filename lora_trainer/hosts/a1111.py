@@ -69,6 +69,8 @@ def on_ui_settings() -> None:
             section=SECTION),
         "lora_trainer_save_every_n_steps": shared.OptionInfo(
             0, "Save a resumable checkpoint every N steps (0: once per epoch)", section=SECTION),
+        "lora_trainer_sample_every_n_steps": shared.OptionInfo(
+            0, "Render the sample prompts every N steps while training (0: only at the end)", section=SECTION),
     }
     for key, info in options.items():
         shared.opts.add_option(key, info)
@@ -117,10 +119,9 @@ class WebUIHost:
     needs_base_model = False
     can_send_to_txt2img = True
     progress_js = PROGRESS_JS
-    # the model is the loaded one, its text encoder is the WebUI's (with its own clip skip setting), and the
-    # preview images come from "Test" through the WebUI's txt2img
+    # the model is the loaded one, and its text encoder is the WebUI's (with the WebUI's own clip skip setting)
     hidden_keys = ("family", "prediction_type", "allow_pickle", "clip_skip", "train_text_encoder", "text_encoder_lr",
-                   "device", "sample_prompts", "sample_every_n_steps", "sample_steps", "sample_guidance_scale")
+                   "device")
 
     def __init__(self) -> None:
         self.training = False
@@ -136,7 +137,8 @@ class WebUIHost:
         return f"**LoRA Train** on the loaded checkpoint: `{name}`{kind}. Finished LoRAs go to `{self.lora_dir()}`."
 
     def default_values(self) -> dict[str, Any]:
-        return {"save_every_n_steps": _opt("lora_trainer_save_every_n_steps", 0) or None}
+        return {"save_every_n_steps": _opt("lora_trainer_save_every_n_steps", 0) or None,
+                "sample_every_n_steps": _opt("lora_trainer_sample_every_n_steps", 0) or None}
 
     def lora_dir(self) -> Path:
         from modules import shared
@@ -342,6 +344,10 @@ def webui_backbone(config: TrainConfig):
             out["pooled"] = vector[:, :pooled_dim]
         return out
 
+    def decode_images(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), devices.autocast():
+            return sd_model.decode_first_stage(latents.to(devices.device, devices.dtype_vae)).float().clone()
+
     def release() -> None:
         if _opt("lora_trainer_unload_encoders", True):
             for module, _ in places:
@@ -359,7 +365,8 @@ def webui_backbone(config: TrainConfig):
     unet_sd = unet.state_dict()
     backbone = HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                           pooled_dim=pooled_dim, prediction_type=prediction,
-                                          name=getattr(info, "name_for_extra", None) or "WebUI model", release=release)
+                                          name=getattr(info, "name_for_extra", None) or "WebUI model", release=release,
+                                          decode_images=decode_images)
     return backbone, restore, str(getattr(info, "filename", ""))
 
 

@@ -393,7 +393,8 @@ def _samples(backbone: DiffusionBackbone, config: TrainConfig, step: int, out_di
     folder = out_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     device = accelerator.device
-    backbone.vae.to(device)
+    if backbone.vae is not None:
+        backbone.vae.to(device)
     for encoder in backbone.text_encoders:
         encoder.to(device)
     pipe = backbone.sampling_pipeline()
@@ -417,6 +418,7 @@ def _samples(backbone: DiffusionBackbone, config: TrainConfig, step: int, out_di
                 writer.add_image(f"sample_{index}", np.asarray(image), step, dataformats="HWC")
     for model in models:
         model.train()
-    backbone.vae.to("cpu")
+    if backbone.vae is not None:
+        backbone.vae.to("cpu")
     return paths
 
