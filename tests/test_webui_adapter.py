@@ -140,7 +140,8 @@ def webui(tmp_path, monkeypatch, sd1_checkpoint):
                                          dtype_vae=torch.float32, autocast=nullcontext, torch_gc=lambda: None),
         "lowvram": types.SimpleNamespace(is_enabled=lambda model: False, send_everything_to_cpu=lambda: None),
         "sd_models": types.SimpleNamespace(model_data=types.SimpleNamespace(sd_model=sd_model)),
-        "paths": types.SimpleNamespace(script_path=str(tmp_path / "webui")),
+        "paths": types.SimpleNamespace(script_path=str(tmp_path / "webui"), models_path=str(tmp_path / "models")),
+        "paths_internal": types.SimpleNamespace(default_output_dir=str(tmp_path / "outputs")),
         "script_callbacks": types.SimpleNamespace(**{
             name: _recorder(calls["callbacks"], name) for name in ("on_ui_tabs", "on_ui_settings", "on_app_started")}),
     }
@@ -211,6 +212,7 @@ def test_trains_on_the_loaded_model_and_leaves_it_as_it_was(webui):
     trainer.wait(300)
     assert job.state == "done", job.message
     assert Path(job.lora_file) == webui.lora_dir / "webui_lora.safetensors"
+    assert Path(job.saved[-1]).parent == webui.lora_dir.parent / "outputs" / "lora_trainer" / "webui_lora"
     assert _unet_hash(sd_model) == clean  # the merged LoRA was undone, and training wrote nothing
     assert set(webui.calls["restore"]) == {layer} and layer.network_current_names == ()  # before training, after publishing
     assert webui.networks.loaded_networks == [] and webui.calls["refresh"]  # listed in the Lora tab

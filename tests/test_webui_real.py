@@ -131,6 +131,8 @@ def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
     assert Path(status["lora_file"]) == lora and lora.is_file()
     assert len(status["losses"]) == 4
     assert len(status["samples"]) == 1 and Path(status["samples"][0]).is_file()  # rendered with the WebUI's VAE
+    for written in (*status["saved"], *status["samples"]):  # everything under --data-dir, nothing in the checkout
+        assert Path(written).is_relative_to(webui["data_dir"]), written
     assert "webui_real" in [r["name"] for r in _get(f"{url}/lora_trainer/results")]
     assert "webui_real" in [entry["name"] for entry in _get(f"{url}/sdapi/v1/loras")]  # listed without a restart
 

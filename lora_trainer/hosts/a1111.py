@@ -141,10 +141,9 @@ class WebUIHost:
                 "sample_every_n_steps": _opt("lora_trainer_sample_every_n_steps", 0) or None}
 
     def lora_dir(self) -> Path:
-        from modules import shared
+        from modules import paths, shared
 
-        folder = getattr(shared.cmd_opts, "lora_dir", None) or str(Path(_webui_root()) / "models" / "Lora")
-        return Path(folder)
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(paths.models_path) / "Lora")
 
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         from modules import devices
@@ -152,8 +151,7 @@ class WebUIHost:
         values = {k: v for k, v in values.items() if k != "base_model"}
         name = str(values.get("output_name", "")).strip()
         if name and not str(values.get("output_dir", "")).strip():
-            root = _opt("lora_trainer_output_dir", "") or str(Path(_webui_root()) / "outputs" / "lora_trainer")
-            values["output_dir"] = str(Path(root) / name)
+            values["output_dir"] = str(Path(_opt("lora_trainer_output_dir", "") or _output_root()) / name)
         values["device"] = str(devices.device)
         if values.get("mixed_precision", "auto") == "auto":
             # train in the dtype the WebUI keeps the UNet in, so its tensors are shared, not copied
@@ -230,16 +228,23 @@ class WebUIHost:
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=shared.sd_model, prompt=f"{prompt} <lora:{safe_name(name)}:{weight:g}>",
                 negative_prompt=negative, seed=seed, steps=steps, width=size, height=size, cfg_scale=7.0,
-                sampler_name="Euler", batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+                sampler_name="Euler", batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
+                # no live previews: SDXL's preview decoder is a download the WebUI makes on first use
+                override_settings={"live_previews_enable": False})
             with closing(p):
                 images.append(processing.process_images(p).images[0])
         return labelled_grid(images, [f"strength {w:g}" for w in weights])
 
 
-def _webui_root() -> str:
-    from modules import paths
+def _output_root() -> Path:
+    """<data dir>/outputs/lora_trainer: where the WebUI writes its own outputs (it follows --data-dir)."""
+    try:
+        from modules.paths_internal import default_output_dir
+    except ImportError:  # WebUIs before 1.6
+        from modules import paths
 
-    return paths.script_path
+        default_output_dir = str(Path(paths.script_path) / "outputs")
+    return Path(default_output_dir) / "lora_trainer"
 
 
 def _is_loaded(sd_model) -> bool:
