@@ -1,5 +1,6 @@
-"""The extension inside a real Stable Diffusion WebUI (AUTOMATIC1111 1.10): start it offline on the CPU, train
-through the /lora_trainer/ API on the loaded tiny checkpoint, then render <lora:NAME:w> through /sdapi/v1/txt2img.
+"""The extension inside a real Stable Diffusion WebUI (AUTOMATIC1111 1.10): start it offline on the CPU with a
+tiny SD1, SD2 (v-prediction) or SDXL checkpoint, train through the /lora_trainer/ API on the loaded model,
+then render <lora:NAME:w> through /sdapi/v1/txt2img.
 
 Skipped unless WEBUI_PATH points at a WebUI checkout whose repositories/ are in place. WEBUI_PYTHON is its
 Python (default WEBUI_PATH/venv/bin/python) with this project's dependencies installed (install.py does that),
@@ -42,24 +43,35 @@ def _get(url: str) -> dict:
         return json.load(response)
 
 
-def _tiny_yaml(webui: Path) -> str:
-    """The WebUI's SD1 config with the UNet shrunk to the tiny checkpoint's one level."""
-    text = (webui / "configs" / "v1-inference.yaml").read_text()
+def _tiny_yaml(webui: Path, family: str) -> str:
+    """The WebUI's config for the family with the UNet shrunk to the tiny checkpoint's (see tiny.host_state_dict)."""
+    if family == "sdxl":
+        text = (webui / "repositories" / "generative-models" / "configs" / "inference" / "sd_xl_base.yaml").read_text()
+        text = text.replace("model_channels: 320", "model_channels: 64")
+        text = re.sub(r"attention_resolutions: \[.*?\]", "attention_resolutions: [2]", text)
+        text = re.sub(r"channel_mult: \[.*?\]", "channel_mult: [1, 2]", text)
+        return re.sub(r"transformer_depth: \[.*?\]", "transformer_depth: [1, 2]", text)
+    if family == "sd2":
+        text = (webui / "repositories" / "stable-diffusion-stability-ai" / "configs" / "stable-diffusion" /
+                "v2-inference-v.yaml").read_text()
+    else:
+        text = (webui / "configs" / "v1-inference.yaml").read_text()
     text = re.sub(r"attention_resolutions: \[.*?\]", "attention_resolutions: [ 1 ]", text)
     text = re.sub(r"num_res_blocks: \d+", "num_res_blocks: 1", text)
     return re.sub(r"channel_mult: \[.*?\]", "channel_mult: [ 1 ]", text)
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def webui(request, tmp_path_factory):
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
 
     webui = Path(WEBUI)
     python = os.environ.get("WEBUI_PYTHON", str(webui / "venv" / "bin" / "python"))
-    data_dir = tmp_path_factory.mktemp("webui_data")
+    family = request.param
+    data_dir = tmp_path_factory.mktemp(f"webui_{family}")
     models = data_dir / "models" / "Stable-diffusion"
-    checkpoint = build_tiny_checkpoint(models / "tiny_sd1.safetensors", "sd1-host")
-    checkpoint.with_suffix(".yaml").write_text(_tiny_yaml(webui))
+    checkpoint = build_tiny_checkpoint(models / f"tiny_{family}.safetensors", f"{family}-host")
+    checkpoint.with_suffix(".yaml").write_text(_tiny_yaml(webui, family))
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / "lora_trainer").symlink_to(REPO)
     with socket.socket() as s:
@@ -75,7 +87,7 @@ def webui(tmp_path_factory):
     with log_path.open("w") as log:
         server = subprocess.Popen(args, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while True:
         try:
             _get(f"{url}/lora_trainer/status")
@@ -86,7 +98,9 @@ def webui(tmp_path_factory):
                 server.kill()
                 pytest.fail(f"the WebUI did not start:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
-    yield {"url": url, "data_dir": data_dir, "log": log_path}
+    # live previews would make SDXL's first render download its preview decoder; we show none anyway
+    _post(f"{url}/sdapi/v1/options", {"live_previews_enable": False})
+    yield {"url": url, "data_dir": data_dir, "log": log_path, "family": family}
     server.terminate()
     try:
         server.wait(30)

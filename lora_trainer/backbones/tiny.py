@@ -131,41 +131,59 @@ def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
 
 
 def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
-    """The smallest checkpoint the hosts take for SD1.5 (fp16, ~420 MB) or SD2 (~1 GB).
+    """The smallest checkpoint the hosts take: SD1.5 (fp16, ~420 MB), SD2 (~1 GB) or SDXL (~1.8 GB).
 
-    ComfyUI detects SD1.5 from model_channels 320 and context_dim 768 (SD2: 1024 and linear projections)
-    and loads a fixed text encoder (CLIP-L, or OpenCLIP ViT-H; missing layers would stay uninitialised)
-    and a fixed-size LDM VAE; so only the UNet is small here: one level.
+    The hosts build fixed-size text encoders (CLIP-L, OpenCLIP ViT-H, ViT-bigG) and a fixed-size LDM VAE,
+    so those are full size; only the UNet is small. ComfyUI detects SD1.5 from model_channels 320 and
+    context_dim 768 (SD2: 1024 and linear projections): one level of 320. The WebUI reads the UNet's shape
+    from a .yaml beside the checkpoint; for SDXL its LoRA key mapping assumes two res blocks per level.
     """
     torch.manual_seed(seed)
-    sd2 = family == "sd2"
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(320,), attention_head_dim=5 if sd2 else 8,
-                                cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
-                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    if family == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
+            attention_head_dim=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    else:
+        sd2 = family == "sd2"
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(320,), attention_head_dim=5 if sd2 else 8,
+                                    cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
+                                    down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     _wake(unet)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
+    ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 2 if family == "sdxl" else 1))
     ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), 4)))
-    if sd2:
-        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
-        ckpt.update(_prefixed("cond_stage_model.model.", clip_to_open_clip(CLIPTextModelWithProjection(config).state_dict())))
+
+    def encoder(width: int, layers: int, heads: int, act: str, cls=CLIPTextModelWithProjection):
+        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width,
+                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                                hidden_act=act, projection_dim=width)
+        return {k: v.half() for k, v in cls(config).state_dict().items()}  # bigG is 700M parameters
+
+    if family == "sdxl":
+        ckpt.update(_prefixed("conditioner.embedders.0.transformer.",
+                              text_model_keys(encoder(768, 12, 12, "quick_gelu", CLIPTextModel))))
+        ckpt.update(_prefixed("conditioner.embedders.1.model.", clip_to_open_clip(encoder(1280, 32, 20, "gelu"))))
+        ckpt["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6052)
+    elif family == "sd2":
+        ckpt.update(_prefixed("cond_stage_model.model.", clip_to_open_clip(encoder(1024, 24, 16, "gelu"))))
     else:
-        config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-        ckpt.update(_prefixed("cond_stage_model.transformer.", text_model_keys(CLIPTextModel(config).state_dict())))
+        ckpt.update(_prefixed("cond_stage_model.transformer.",
+                              text_model_keys(encoder(768, 12, 12, "quick_gelu", CLIPTextModel))))
     for key, value in ckpt.items():
         if key.endswith(("final_layer_norm.bias", "ln_final.bias")):
             # a zero bias makes the empty prompt's states average exactly 0, and the WebUI's emphasis
             # renormalisation (mean before / mean after) then divides 0 by 0
-            value.copy_(0.05 + 0.02 * torch.randn_like(value))
+            ckpt[key] = 0.05 + 0.02 * torch.randn(value.shape)
     return {k: v.to(torch.float16).contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
 
 
 def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host' for the hosts."""
+    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host'/'sdxl-host' for the hosts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     host = family.endswith("-host")
