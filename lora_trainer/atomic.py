@@ -20,6 +20,7 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; LoRAs and logs get the usual permissions
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # still there only if the write or the rename did not happen

@@ -210,6 +210,14 @@ class WebUIHost:
                 networks.list_available_networks()
             if hasattr(shared.sd_model, "current_lora_hash"):
                 shared.sd_model.current_lora_hash = str([])  # Forge re-applies LoRAs on the next render
+                # Forge's LoraLoader (one per model, shared by all patcher clones) skips the merge when the
+                # (file, strengths) key equals the last one: a retrained file of the same name would keep the
+                # old merged weights
+                original = getattr(shared.sd_model, "forge_objects_original", None)
+                for patcher in (getattr(original, "unet", None), getattr(getattr(original, "clip", None), "patcher", None)):
+                    loader = getattr(patcher, "lora_loader", None)
+                    if loader is not None:
+                        loader.loaded_hash = str([])
         return target
 
     def test_grid(self, name: str, prompt: str, negative: str, weights: list[float], seed: int, steps: int, *,
@@ -386,8 +394,15 @@ def _forge_unet():
     from modules import sd_models
 
     sd_model, _ = sd_models.forge_model_reload()
-    patcher = sd_model.forge_objects_original.unet
-    memory_management.unload_all_models()  # unloading undoes the LoRA patches Forge merged into the weights
+    original = sd_model.forge_objects_original
+    patcher = original.unet
+    memory_management.unload_all_models()
+    # Forge merges a render's LoRAs into the shared modules' weights and leaves them there (unloading only moves
+    # the modules): refreshing the LoRA-free patchers restores the backed-up checkpoint weights of UNet and CLIP
+    patcher.refresh_loras()
+    original.clip.patcher.refresh_loras()
+    sd_model.forge_objects = original.shallow_copy()  # captions are encoded with the LoRA-free text encoder
+    sd_model.current_lora_hash = str([])
     diffusion_model = patcher.model.diffusion_model
     with torch.inference_mode(False):
         for module in diffusion_model.modules():
