@@ -82,6 +82,7 @@ class TrainConfig:
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
     mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
+    cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw, bf16/fp32, no accumulation, LoRA dropout, checkpointing or text-encoder training).", group="training", choices=("auto", "on", "off"))
     device: str = _field("auto", "Where to train: auto, cpu, cuda, cuda:N or mps.", group="training")
     seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1)
 

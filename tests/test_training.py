@@ -320,3 +320,25 @@ def test_ctrl_c_between_accumulated_batches_resumes_exactly(sd1_checkpoint, data
     resumed = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
     again = load_file(str(resumed.lora_file))
     assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_the_graph_ready_step_trains_the_same_lora_as_the_plain_loop(tmp_path, sd1_checkpoint, dataset, caplog):
+    """cuda_graphs: on runs the captured step's code (static buffers, tensor learning rates, warm-up steps that
+    are undone, fused update order) eagerly on the CPU: its LoRA must equal the plain loop's."""
+    from lora_trainer.lora.kohya import read_lora_file
+    from lora_trainer.train.loop import train_lora
+
+    caplog.set_level("INFO", logger="lora_trainer")
+    results = {}
+    for mode in ("off", "on"):
+        config = quick_config(sd1_checkpoint, dataset, tmp_path / mode, cuda_graphs=mode, max_steps=5,
+                              lr_scheduler="cosine", lr_warmup_steps=2, min_snr_gamma=5.0)
+        result = train_lora(config)
+        results[mode] = (read_lora_file(result.lora_file)[0], result.losses)
+    assert "the graph-ready step runs eagerly" in caplog.text
+    plain, graph_ready = results["off"][0], results["on"][0]
+    assert plain.keys() == graph_ready.keys()
+    for key in plain:
+        torch.testing.assert_close(graph_ready[key], plain[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graph_ready.items() if "lora_up" in k)
+    assert [s for s, _ in results["on"][1]] == [s for s, _ in results["off"][1]]

@@ -26,6 +26,7 @@ from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.lora.inject import add_lora, fill_lora, read_init_lora
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
+from lora_trainer.train.graphs import CapturedStep, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -198,18 +199,36 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         epochs = max(epochs, math.ceil(config.max_steps * accumulation / max(len(plan) / epochs, 1)))
         plan = plan_batches(cache, config, epochs)[:config.max_steps * accumulation]
     total_steps = math.ceil(len(plan) / accumulation)
-    optimizer = make_optimizer(config.optimizer, groups, config.weight_decay, device)
-    scheduler = make_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
     trained = [backbone.unet] + (backbone.text_encoders if te_train else [])
-    prepared = accelerator.prepare(*trained, optimizer)
-    models, optimizer = list(prepared[:-1]), prepared[-1]
-    backbone.runner = models[0]
+    shapes = {(len(indices), tuple(cache[indices[0]].latents.shape)) for _, indices in plan}
+    use_stepper, capture, why = graphs_wanted(config, device, num_processes=accelerator.num_processes, text_encoder_trained=te_train,
+                                  mixed_precision=accelerator.mixed_precision, total_steps=total_steps,
+                                  buckets=len(shapes))
+    log.info("Training step: %s.", why)
+    stepper = None
+    if use_stepper:
+        models = [accelerator.prepare(model) for model in trained]
+        backbone.runner = models[0]
+        stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs), groups,
+                               config.weight_decay, config.max_grad_norm, capture=capture)
+        optimizer = stepper.optimizer
+        # the schedule runs on a stand-in optimizer with float rates; each step copies them into the GPU tensors
+        shadow = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": g["lr"]} for g in groups])
+        scheduler = make_scheduler(config.lr_scheduler, shadow, config.lr_warmup_steps, total_steps)
+    else:
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay, device)
+        scheduler = make_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
+        prepared = accelerator.prepare(*trained, optimizer)
+        models, optimizer = list(prepared[:-1]), prepared[-1]
+        backbone.runner = models[0]
 
     micro, step = 0, 0
     if resume:
         restored = checkpoints.load(resume, trained, optimizer, scheduler)
         micro, step = restored["micro"], restored["step"]
         log.info("Resumed from %s at step %d", resume, step)
+    if stepper is not None:
+        stepper.set_learning_rates(scheduler.get_last_lr())
 
     meta = {"started_at": started_at, "scan": scan, "tags": tag_frequency(scan.items), "buckets": buckets,
             "model_name": backbone.name, "total_steps": total_steps}
@@ -268,31 +287,39 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             time_ids = torch.stack([cache[i].time_ids for i in indices]).to(device) if family == "sdxl" else None
 
             is_sync = (micro + 1) % accumulation == 0 or micro + 1 == len(plan)
-            noisy = backbone.noise_scheduler.add_noise(latents, noise, timesteps)
-            with accelerator.autocast():
-                pred = backbone.predict(noisy, timesteps, cond, time_ids)
-            target = backbone.target(latents, noise, timesteps)
-            loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            inputs = {"noisy": backbone.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+                      "target": backbone.target(latents, noise, timesteps),
+                      **{f"cond_{k}": v for k, v in cond.items()}}
+            if time_ids is not None:
+                inputs["time_ids"] = time_ids
             if config.min_snr_gamma:
                 snr = _snr(backbone.noise_scheduler.alphas_cumprod, timesteps)
-                weight = torch.clamp(snr, max=config.min_snr_gamma) / (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
-                loss = loss * weight
-            loss = loss.mean()
-            accelerator.backward(loss / accumulation)
-            loss_sum += loss.detach()
-            loss_count += 1
-            micro += 1
-            if not is_sync:
-                continue
-            if te_train and accelerator.num_processes > 1:
-                # the text encoders run outside accelerate's wrapper, so their gradients are averaged here
-                for p in groups[1]["params"]:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                inputs["weight"] = torch.clamp(snr, max=config.min_snr_gamma) / \
+                    (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
+            if stepper is not None:  # forward, backward, clip and update in one graph replay
+                loss_sum += stepper(inputs)
+                loss_count += 1
+                micro += 1
+                shadow.step()  # a no-op (no gradients); keeps the schedule's step order check quiet
+                scheduler.step()
+                stepper.set_learning_rates(scheduler.get_last_lr())
+            else:
+                loss = _step_loss(backbone, accelerator, inputs)
+                accelerator.backward(loss / accumulation)
+                loss_sum += loss.detach()
+                loss_count += 1
+                micro += 1
+                if not is_sync:
+                    continue
+                if te_train and accelerator.num_processes > 1:
+                    # the text encoders run outside accelerate's wrapper, so their gradients are averaged here
+                    for p in groups[1]["params"]:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             result.steps = step
             elapsed = time.time() - tick
@@ -351,6 +378,17 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file))
     return result
+
+
+def _step_loss(backbone: DiffusionBackbone, accelerator: Accelerator, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's loss from its prepared inputs: the same code eagerly and inside a captured CUDA graph."""
+    cond = {k.removeprefix("cond_"): v for k, v in inputs.items() if k.startswith("cond_")}
+    with accelerator.autocast():
+        pred = backbone.predict(inputs["noisy"], inputs["timesteps"], cond, inputs.get("time_ids"))
+    loss = F.mse_loss(pred.float(), inputs["target"].float(), reduction="none").mean(dim=(1, 2, 3))
+    if "weight" in inputs:
+        loss = loss * inputs["weight"]
+    return loss.mean()
 
 
 def _snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""A LoRA training step captured as one CUDA graph per input shape.
+
+On a fast GPU an SD1.5 LoRA step is bound by Python issuing ~5,300 kernels (~190 ms at batch 4) in front of
+~51 ms of GPU work (DESIGN.md, "Speed"). Captured once per bucket shape, the whole step (zero the grads,
+forward under autocast, loss, backward, clip, the fused AdamW update) replays with one launch. What stays
+eager is cheap and per-step: picking the batch's latents, drawing noise and timesteps, noising, the target.
+
+What capture needs, and how it is met here:
+- static tensors: every input is copied into buffers owned by the graph;
+- a capturable optimizer: fused AdamW with `capturable=True` and its learning rates as GPU tensors, filled
+  from a float "shadow" schedule each step (no host sync);
+- warm-up steps on a side stream before capture (they allocate optimizer state and cuBLAS workspaces): they
+  change the LoRA, so its weights and the optimizer state are put back exactly afterwards, and the run
+  stays identical to one without warm-up;
+- no `.item()` in the step: the loss stays on the GPU and is read every `log_every_n_steps`.
+
+The same object runs eagerly (`capture=False`) through the same static buffers, tensor learning rates,
+warm-up and restore: the CPU tests check that path against the plain loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+StepInputs = dict[str, torch.Tensor]
+
+
+class CapturedStep:
+    """Runs `loss_fn(inputs)` + backward + clip + optimizer step, replayed from a CUDA graph per input shape."""
+
+    def __init__(self, loss_fn: Callable[[StepInputs], torch.Tensor], groups: list[dict],
+                 weight_decay: float, max_grad_norm: float, *, capture: bool, warmup: int = 3) -> None:
+        self.loss_fn = loss_fn
+        self.params = [p for group in groups for p in group["params"]]
+        device = self.params[0].device
+        self.lrs = [torch.tensor(float(group["lr"]), device=device) for group in groups]
+        tensor_groups = [{**group, "lr": lr} for group, lr in zip(groups, self.lrs)]
+        # tensor learning rates need either the capturable fused kernel or the single-tensor one
+        self.optimizer = torch.optim.AdamW(tensor_groups, weight_decay=weight_decay, fused=capture or None,
+                                           capturable=capture, foreach=False if not capture else None)
+        self.max_grad_norm = max_grad_norm
+        self.capture = capture
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, StepInputs, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        for p in self.params:
+            p.grad = torch.zeros_like(p)  # gradients live at fixed addresses: the graph writes into them
+
+    def set_learning_rates(self, values: list[float]) -> None:
+        """Put this step's learning rates into the tensors the optimizer reads (a fill, not a host sync)."""
+        for lr, value in zip(self.lrs, values):
+            lr.fill_(value)
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        """One optimizer step on `inputs`; returns the loss as a tensor on the device (valid until the next call)."""
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
+        if key not in self.graphs:
+            self.graphs[key] = self._prepare(inputs)
+        graph, static, loss = self.graphs[key]
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor)
+        if graph is not None:
+            graph.replay()
+            return loss
+        return self._step(static)
+
+    def _step(self, static: StepInputs) -> torch.Tensor:
+        for p in self.params:
+            p.grad.zero_()
+        loss = self.loss_fn(static)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _prepare(self, inputs: StepInputs):
+        """Static buffers for this shape; warm-up and (on CUDA) capture, leaving the LoRA as it was."""
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
+        if not self.warmup and not self.capture:
+            return None, static, torch.zeros(())
+        saved = self._snapshot()
+        stream = torch.cuda.Stream() if self.capture else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(self.warmup):
+                self._step(static)
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        graph, loss = None, torch.zeros(())
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self._step(static)
+            log.info("Captured the training step for inputs %s", {k: tuple(v.shape) for k, v in inputs.items()})
+        self._restore(saved)
+        return graph, static, loss
+
+    def _snapshot(self) -> dict:
+        """The LoRA weights and optimizer state before warm-up (a state not created yet is recorded as None)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "state": [{k: v.clone() for k, v in self.optimizer.state[p].items()} if p in self.optimizer.state
+                          else None for p in self.params]}
+
+    def _restore(self, saved: dict) -> None:
+        """Undo the warm-up in place (the graph keeps pointing at the same tensors)."""
+        with torch.no_grad():
+            for p, value, state in zip(self.params, saved["params"], saved["state"]):
+                p.copy_(value)
+                for name, tensor in self.optimizer.state[p].items():
+                    if state is None:
+                        tensor.zero_()  # a fresh AdamW state is all zeros, step 0 included
+                    else:
+                        tensor.copy_(state[name])
+                p.grad.zero_()
+
+
+def graphs_wanted(config, device: torch.device, *, num_processes: int, text_encoder_trained: bool,
+                  mixed_precision: str, total_steps: int, buckets: int) -> tuple[bool, bool, str]:
+    """(train through CapturedStep, capture it, why) for the log.
+
+    `cuda_graphs: on` where there is no CUDA device runs CapturedStep eagerly: the same static buffers,
+    tensor learning rates and warm-up, without the graph.
+    """
+    setting = config.cuda_graphs
+    if setting == "off":
+        return False, False, "cuda_graphs: off"
+    reasons = []
+    if device.type != "cuda" and setting == "auto":
+        reasons.append("not on a CUDA GPU")
+    if num_processes > 1:
+        reasons.append("more than one process")
+    if config.optimizer != "adamw":
+        reasons.append(f"optimizer {config.optimizer} (only adamw is captured)")
+    if mixed_precision == "fp16":
+        reasons.append("fp16 needs a loss scaler (use bf16)")
+    if config.gradient_accumulation_steps > 1:
+        reasons.append("gradient accumulation")
+    if config.lora_dropout:
+        reasons.append("LoRA dropout")
+    if text_encoder_trained:
+        reasons.append("text-encoder training")
+    if config.gradient_checkpointing:
+        reasons.append("gradient checkpointing")
+    if reasons:
+        return False, False, "not captured: " + ", ".join(reasons)
+    # capture costs about warm-up + 1 steps per bucket shape; below ~25 steps a bucket it does not pay back
+    if setting == "auto" and total_steps < 25 * buckets:
+        return False, False, f"not captured: {total_steps} steps over {buckets} bucket shapes is too short to pay back"
+    if device.type != "cuda":
+        return True, False, "cuda_graphs: on without a CUDA device: the graph-ready step runs eagerly"
+    return True, True, f"captured as CUDA graphs ({buckets} bucket shapes)"
