@@ -179,9 +179,11 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
     synced: list[tuple[int, float]] = []  # loss events come after the loss is read back: the GPU has caught up
 
     def on_event(event) -> None:
+        if event.kind == "progress" and event.data.get("phase") == "caching" and event.step == event.total \
+                and device.type == "cuda":
+            torch.cuda.empty_cache()  # training only (warm-up and capture included): caching has its own peak
+            torch.cuda.reset_peak_memory_stats()
         if event.kind == "progress" and "phase" not in event.data and not first:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()  # training only: latent caching has its own peak
             first.append(time.perf_counter())
         elif event.kind == "loss" and event.step >= 10:
             synced.append((event.step, time.perf_counter()))
@@ -198,7 +200,8 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
         torch.cuda.synchronize()
     (step0, time0), (step1, time1) = synced[0], synced[-1]
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+              # reserved, not allocated: a CUDA graph's activations live in its own pool, outside "allocated"
+              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -228,9 +231,10 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         reference_model = DiffusionBackbone.from_file(checkpoint)
         targets = reference_model.unet_lora_targets("attention_ff")
         if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         reference = _reference_loop(reference_model, targets, batch, resolution, steps, torch_device)
-        reference["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch_device.type == "cuda" else None
+        reference["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30 if torch_device.type == "cuda" else None
         del reference_model
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
