@@ -7,6 +7,7 @@ synthetic JPEGs (so decoding costs what it costs on real data), and times both. 
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -202,6 +203,7 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
               # reserved, not allocated: a CUDA graph's activations live in its own pool, outside "allocated"
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
+    gc.collect()  # the run's modules sit in reference cycles (peft, accelerate): free them before the next run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -236,6 +238,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         reference = _reference_loop(reference_model, targets, batch, resolution, steps, torch_device)
         reference["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30 if torch_device.type == "cuda" else None
         del reference_model
+        gc.collect()
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -51,6 +51,11 @@ class CapturedStep:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         for p in self.params:
             p.grad = torch.zeros_like(p)  # gradients live at fixed addresses: the graph writes into them
+        # create the optimizer state now, before any activations exist: made lazily inside the warm-up, these
+        # small tensors land in the middle of the warm-up's large blocks and keep them from being freed
+        saved = self._snapshot()
+        self.optimizer.step()
+        self._restore(saved)
 
     def set_learning_rates(self, values: list[float]) -> None:
         """Put this step's learning rates into the tensors the optimizer reads (a fill, not a host sync)."""

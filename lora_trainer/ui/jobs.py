@@ -158,6 +158,7 @@ class Trainer:
             job.state, job.message = "error", f"{type(exc).__name__}: {exc}"
             log.exception("LoRA training failed")
         finally:
+            _release_memory()  # the run's modules sit in reference cycles: give the GPU back to the host now
             job.finished_at = time.time()
 
     def _on_event(self, job: JobStatus, event: Event) -> None:
@@ -184,6 +185,16 @@ class Trainer:
             job.samples.append(str(data["path"]))
         elif event.kind == "saved":
             job.saved.append(str(data["path"]))
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def describe(job: JobStatus | None) -> str:
