@@ -93,6 +93,10 @@ class CapturedStep:
         saved = self._snapshot()
         stream = torch.cuda.Stream() if self.capture else None
         if stream is not None:
+            # the allocator keeps cached blocks per stream: what the main stream has cached (e.g. from moving the
+            # model) cannot serve the warm-up on its side stream, so hand it back first
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for _ in range(self.warmup):
