@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,3 +343,41 @@ def test_the_graph_ready_step_trains_the_same_lora_as_the_plain_loop(tmp_path, s
         torch.testing.assert_close(graph_ready[key], plain[key], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graph_ready.items() if "lora_up" in k)
     assert [s for s, _ in results["on"][1]] == [s for s, _ in results["off"][1]]
+
+
+def test_the_graph_ready_step_resumes_exactly(sd1_checkpoint, dataset, tmp_path):
+    """Its optimizer state and (shadow) schedule go into checkpoints and come back: stop at 3, resume, same LoRA."""
+    options = {"max_steps": 7, "cuda_graphs": "on", "lr_scheduler": "cosine", "lr_warmup_steps": 2, "flip_aug": True}
+    whole = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "a", **options))
+    cancel = CancelToken()
+    stop_at_3 = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
+    first = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), listeners=[stop_at_3],
+                       cancel=cancel)
+    assert first.interrupted and first.steps == 3
+    resumed = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_why_a_step_is_or_is_not_captured():
+    from lora_trainer.config import resolve
+    from lora_trainer.train.graphs import graphs_wanted
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def wanted(device=cuda, processes=1, te=False, precision="bf16", steps=500, buckets=2, **values):
+        config = resolve(quick_config(Path("m"), Path("d"), Path("o"), **values), "sd1")
+        return graphs_wanted(config, device, num_processes=processes, text_encoder_trained=te,
+                             mixed_precision=precision, total_steps=steps, buckets=buckets)
+
+    assert wanted()[:2] == (True, True)
+    assert wanted(device=cpu)[:2] == (False, False) and "not on a CUDA GPU" in wanted(device=cpu)[2]
+    assert wanted(device=cpu, cuda_graphs="on")[:2] == (True, False)
+    assert wanted(cuda_graphs="off")[:2] == (False, False)
+    assert "too short" in wanted(steps=40)[2] and wanted(steps=40, cuda_graphs="on")[:2] == (True, True)
+    for blocker, text in (({"precision": "fp16"}, "fp16"), ({"processes": 2}, "more than one process"),
+                          ({"te": True}, "text-encoder"), ({"optimizer": "prodigy"}, "prodigy"),
+                          ({"gradient_accumulation_steps": 2}, "accumulation"), ({"lora_dropout": 0.1}, "dropout"),
+                          ({"gradient_checkpointing": True}, "checkpointing")):
+        use, _, why = wanted(**blocker)
+        assert not use and text in why, blocker

@@ -57,6 +57,14 @@ class CapturedStep:
         self.optimizer.step()
         self._restore(saved)
 
+    def rebind_learning_rates(self) -> None:
+        """After `optimizer.load_state_dict` (a resume), point the groups at our rate tensors again, with the
+        loaded values (loading replaces each group's 'lr' with the tensor from the file)."""
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:
+                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
+                group["lr"] = lr
+
     def set_learning_rates(self, values: list[float]) -> None:
         """Put this step's learning rates into the tensors the optimizer reads (a fill, not a host sync)."""
         for lr, value in zip(self.lrs, values):

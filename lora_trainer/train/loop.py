@@ -228,6 +228,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         micro, step = restored["micro"], restored["step"]
         log.info("Resumed from %s at step %d", resume, step)
     if stepper is not None:
+        stepper.rebind_learning_rates()
         stepper.set_learning_rates(scheduler.get_last_lr())
 
     meta = {"started_at": started_at, "scan": scan, "tags": tag_frequency(scan.items), "buckets": buckets,
