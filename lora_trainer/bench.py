@@ -170,8 +170,33 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _host_backbone(checkpoint: Path, device: torch.device):
+    """The model as a host hands it over (WebUI, ComfyUI): an in-memory LDM UNet shared into the skeleton, and
+    encoders that are not ours (here: the checkpoint's own, standing in for the host's)."""
+    from lora_trainer.backbones.checkpoint import UNET_PREFIX, read_checkpoint
+    from lora_trainer.backbones.host import HostBackbone
+    from lora_trainer.backbones.sd import DiffusionBackbone
+
+    encoders = DiffusionBackbone.from_file(checkpoint)
+    encoders.vae.to(device)
+    for encoder in encoders.text_encoders:
+        encoder.to(device)
+    unet = {k[len(UNET_PREFIX):]: v.to(device) for k, v in read_checkpoint(checkpoint).items()
+            if k.startswith(UNET_PREFIX)}
+    pooled = encoders.text_encoders[-1].config.projection_dim if encoders.family == "sdxl" else None
+
+    def release() -> None:
+        encoders.vae.to("cpu")
+        for encoder in encoders.text_encoders:
+            encoder.to("cpu")
+
+    return HostBackbone.from_ldm_unet(unet, encoders.family, encode_images=encoders.encode_images,
+                                      encode_prompts=encoders.encode_prompts, pooled_dim=pooled, name="host",
+                                      release=release)
+
+
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
-                  device: torch.device, cuda_graphs: str) -> dict:
+                  device: torch.device, cuda_graphs: str, host: bool = False) -> dict:
     """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
@@ -191,12 +216,12 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
 
     config = make_config({"base_model": str(checkpoint), "train_data_dir": str(data), "resolution": resolution,
                           "batch_size": batch, "max_steps": steps + 10, "lora_rank": 16, "lora_alpha": 16,
-                          "output_dir": str(tmp / f"out-{cuda_graphs}"), "save_every_n_epochs": 0,
+                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}"), "save_every_n_epochs": 0,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": "bf16" if device.type == "cuda" else "no", "enable_buckets": False,
                           "min_snr_gamma": 0, "cuda_graphs": cuda_graphs})
     start = time.perf_counter()
-    train_lora(config, listeners=[on_event])
+    train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     (step0, time0), (step1, time1) = synced[0], synced[-1]
@@ -244,10 +269,12 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
 
         ours = {mode: _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, mode)
                 for mode in ("off", "auto")}
+        ours["host"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto", host=True)
     flops = reference["flops_per_step"]
     rows = []
     for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer, eager step", ours["off"]),
-                         ("lora_trainer (cuda_graphs: auto)", ours["auto"])):
+                         ("lora_trainer (cuda_graphs: auto)", ours["auto"]),
+                         ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"])):
         images = result["steps_per_s"] * batch
         rows.append({"trainer": name, "steps_per_s": round(result["steps_per_s"], 2), "images_per_s": round(images, 2),
                      "peak_gib": None if result["peak_gib"] is None else round(result["peak_gib"], 2),

@@ -16,6 +16,7 @@ def test_training_benchmark_runs_at_tiny_size(tmp_path):
 
     report = bench_train("sd15", batch=2, steps=3, size="tiny", device="cpu", out=tmp_path / "t.json")
     assert [row["trainer"] for row in report["rows"]] == ["plain eager diffusers + peft", "lora_trainer, eager step",
-                                                         "lora_trainer (cuda_graphs: auto)"]
+                                                         "lora_trainer (cuda_graphs: auto)",
+                                                         "lora_trainer on a host's model (WebUI/ComfyUI path)"]
     assert all(row["steps_per_s"] > 0 for row in report["rows"]) and report["lora_modules"] == 84
     assert json.loads((tmp_path / "t.json").read_text())["batch"] == 2
