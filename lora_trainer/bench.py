@@ -196,7 +196,7 @@ def _host_backbone(checkpoint: Path, device: torch.device):
 
 
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
-                  device: torch.device, cuda_graphs: str, host: bool = False) -> dict:
+                  device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False) -> dict:
     """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
@@ -219,15 +219,16 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
                           "output_dir": str(tmp / f"out-{cuda_graphs}-{host}"), "save_every_n_epochs": 0,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": "bf16" if device.type == "cuda" else "no", "enable_buckets": False,
-                          "min_snr_gamma": 0, "cuda_graphs": cuda_graphs})
+                          "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing})
     start = time.perf_counter()
-    train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
+    trained = train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     (step0, time0), (step1, time1) = synced[0], synced[-1]
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
               # reserved, not allocated: a CUDA graph's activations live in its own pool, outside "allocated"
-              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
+              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+              "lora_file": trained.lora_file}
     gc.collect()  # the run's modules sit in reference cycles (peft, accelerate): free them before the next run
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -235,7 +236,7 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
 
 
 def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
-                peak_tflops: float = 790.0, out: Path | None = None) -> dict:
+                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False) -> dict:
     """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers."""
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
@@ -270,11 +271,16 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         ours = {mode: _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, mode)
                 for mode in ("off", "auto")}
         ours["host"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto", host=True)
+        if checkpointing:
+            ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
+                                                  "auto", checkpointing=True)
+        drift = _lora_difference(ours["off"]["lora_file"], ours["auto"]["lora_file"])
     flops = reference["flops_per_step"]
     rows = []
     for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer, eager step", ours["off"]),
                          ("lora_trainer (cuda_graphs: auto)", ours["auto"]),
-                         ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"])):
+                         ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
+                         *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ())):
         images = result["steps_per_s"] * batch
         rows.append({"trainer": name, "steps_per_s": round(result["steps_per_s"], 2), "images_per_s": round(images, 2),
                      "peak_gib": None if result["peak_gib"] is None else round(result["peak_gib"], 2),
@@ -282,13 +288,25 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
                      "percent_of_ideal": round(100 * result["steps_per_s"] * flops / (peak_tflops * 1e12), 2)})
     report = {"family": family, "size": size, "batch": batch, "resolution": resolution, "device": str(torch_device),
               "lora_modules": len(targets), "tflop_per_step": round(flops / 1e12, 3), "rows": rows,
-              "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2)}
+              "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2),
+              "captured_vs_eager_lora_difference": drift}
     print(f"{family} {size}, batch {batch}, {resolution} px, {len(targets)} LoRA modules, {report['tflop_per_step']} TFLOP/step")
     print("| trainer | steps/s | images/s | peak GiB | first step s | % of ideal |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} | "
               f"{row['first_step_s']} | {row['percent_of_ideal']} |")
+    print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
+          f"{drift:.2e} of the largest weight")
     if out:
         Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def _lora_difference(first: Path, second: Path) -> float:
+    """The largest weight difference between two LoRA files, relative to the largest weight."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(first)), load_file(str(second))
+    biggest = max(float(t.float().abs().max()) for k, t in a.items() if k.endswith("weight"))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k.endswith("weight")) / biggest

@@ -159,7 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
         from lora_trainer.bench import bench_train
 
         bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
-                    device=args.device, out=args.out)
+                    device=args.device, out=args.out, checkpointing=args.checkpointing)
         return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-beams", type=int, default=1)
     bench.add_argument("--max-length", type=int, default=20, help="New tokens per caption.")
     bench.add_argument("--device", default="auto")
+    bench.add_argument("--checkpointing", action="store_true", help="train: also time our trainer with gradient checkpointing.")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
     bench.set_defaults(run=_bench)
 
