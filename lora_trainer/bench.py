@@ -94,7 +94,7 @@ def real_shape_checkpoint(path: Path, family: str) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_trainer.backbones.ldm import text_model_keys, unet_to_ldm
-    from lora_trainer.backbones.tiny import clip_to_open_clip, vae_to_ldm
+    from lora_trainer.backbones.tiny import _wake, clip_to_open_clip, vae_to_ldm, wake_text_encoders
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -107,6 +107,7 @@ def real_shape_checkpoint(path: Path, family: str) -> Path:
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        _wake(unet)  # LDM's zero-initialised output layers would make every prediction, and every gradient, zero
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
         clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
@@ -122,6 +123,7 @@ def real_shape_checkpoint(path: Path, family: str) -> Path:
                 vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                 num_attention_heads=20, hidden_act="gelu", projection_dim=1280))
             ckpt.update({"conditioner.embedders.1.model." + k: v for k, v in clip_to_open_clip(big_g.state_dict()).items()})
+    wake_text_encoders(ckpt)
     save_file({k: v.half().contiguous().cpu() for k, v in ckpt.items() if not k.endswith("position_ids")}, str(path))
     return path
 

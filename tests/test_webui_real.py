@@ -1,6 +1,7 @@
-"""The extension inside a real Stable Diffusion WebUI (AUTOMATIC1111 1.10): start it offline on the CPU with a
-tiny SD1, SD2 (v-prediction) or SDXL checkpoint, train through the /lora_trainer/ API on the loaded model,
-then render <lora:NAME:w> through /sdapi/v1/txt2img.
+"""The extension inside a real Stable Diffusion WebUI (AUTOMATIC1111 1.10, or Forge): start it offline on the CPU
+with a tiny SD1, SD2 (v-prediction) or SDXL checkpoint (Forge: a random SD1.5 of the real shapes, which its model
+detection needs), train through the /lora_trainer/ API on the loaded model, then render <lora:NAME:w> through
+/sdapi/v1/txt2img.
 
 Skipped unless WEBUI_PATH points at a WebUI checkout whose repositories/ are in place. WEBUI_PYTHON is its
 Python (default WEBUI_PATH/venv/bin/python) with this project's dependencies installed (install.py does that),
@@ -61,17 +62,25 @@ def _tiny_yaml(webui: Path, family: str) -> str:
     return re.sub(r"channel_mult: \[.*?\]", "channel_mult: [ 1 ]", text)
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+FORGE = bool(WEBUI) and (Path(WEBUI) / "modules_forge").is_dir()
+
+
+@pytest.fixture(scope="module", params=["sd1"] if FORGE else ["sd1", "sd2", "sdxl"])
 def webui(request, tmp_path_factory):
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
+    from lora_trainer.bench import real_shape_checkpoint
 
     webui = Path(WEBUI)
     python = os.environ.get("WEBUI_PYTHON", str(webui / "venv" / "bin" / "python"))
     family = request.param
     data_dir = tmp_path_factory.mktemp(f"webui_{family}")
     models = data_dir / "models" / "Stable-diffusion"
-    checkpoint = build_tiny_checkpoint(models / f"tiny_{family}.safetensors", f"{family}-host")
-    checkpoint.with_suffix(".yaml").write_text(_tiny_yaml(webui, family))
+    models.mkdir(parents=True)
+    if FORGE:  # Forge tells models apart by their full tensor shapes and reads no .yaml
+        checkpoint = real_shape_checkpoint(models / "sd15_random.safetensors", "sd15")
+    else:
+        checkpoint = build_tiny_checkpoint(models / f"tiny_{family}.safetensors", f"{family}-host")
+        checkpoint.with_suffix(".yaml").write_text(_tiny_yaml(webui, family))
     (data_dir / "extensions").mkdir()
     (data_dir / "extensions" / "lora_trainer").symlink_to(REPO)
     with socket.socket() as s:
@@ -79,9 +88,13 @@ def webui(request, tmp_path_factory):
         port = s.getsockname()[1]
     log_path = data_dir / "webui.log"
     args = [python, "launch.py", "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check",
-            "--skip-install", "--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full",
-            "--no-download-sd-model", "--do-not-download-clip", "--api", "--nowebui", "--server-name", "127.0.0.1",
-            "--port", str(port), "--data-dir", str(data_dir), "--ckpt", str(checkpoint)]
+            "--skip-install", "--no-download-sd-model", "--do-not-download-clip", "--api", "--port", str(port),
+            "--data-dir", str(data_dir), "--ckpt", str(checkpoint)]
+    if FORGE:  # its UI mode (binds 127.0.0.1); its page files live in the checkout, outside --data-dir
+        args += ["--always-cpu", "--gradio-allowed-path", str(webui)]
+    else:
+        args += ["--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full", "--nowebui",
+                 "--server-name", "127.0.0.1"]
     env = {**os.environ, "COMMANDLINE_ARGS": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:

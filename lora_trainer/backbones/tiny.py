@@ -174,12 +174,20 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     else:
         ckpt.update(_prefixed("cond_stage_model.transformer.",
                               text_model_keys(encoder(768, 12, 12, "quick_gelu", CLIPTextModel))))
+    return {k: v.to(torch.float16).contiguous() for k, v in wake_text_encoders(ckpt).items()
+            if not k.endswith("position_ids")}
+
+
+def wake_text_encoders(ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give the text encoders' final LayerNorm a non-zero random bias, in place; returns `ckpt`.
+
+    With the zero bias of a fresh model the empty prompt's states average exactly 0, and the WebUI's emphasis
+    renormalisation (mean before / mean after) then divides 0 by 0.
+    """
     for key, value in ckpt.items():
         if key.endswith(("final_layer_norm.bias", "ln_final.bias")):
-            # a zero bias makes the empty prompt's states average exactly 0, and the WebUI's emphasis
-            # renormalisation (mean before / mean after) then divides 0 by 0
-            ckpt[key] = 0.05 + 0.02 * torch.randn(value.shape)
-    return {k: v.to(torch.float16).contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
+            ckpt[key] = 0.05 + 0.02 * torch.randn(value.shape, device=value.device)
+    return ckpt
 
 
 def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
