@@ -78,7 +78,7 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     scale = {"sd1": 0.18215, "sdxl": 0.13025}[family]
     model = types.SimpleNamespace(model=types.SimpleNamespace(
         model_config=config, diffusion_model=types.SimpleNamespace(state_dict=lambda: host_unet),
-        latent_format=types.SimpleNamespace(process_in=lambda x: x * scale),
+        latent_format=types.SimpleNamespace(process_in=lambda x: x * scale, process_out=lambda x: x / scale),
         model_type=types.SimpleNamespace(name="EPS")))
 
     def encode_from_tokens(tokens, return_pooled=False):
@@ -87,7 +87,8 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
 
     clip = types.SimpleNamespace(tokenize=lambda text: text, encode_from_tokens=encode_from_tokens)
     vae = types.SimpleNamespace(
-        encode=lambda pixels: encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean)
+        encode=lambda pixels: encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean,
+        decode=lambda latents: ((encoders.vae.decode(latents).sample + 1) / 2).clamp(0, 1).movedim(1, -1))
     return types.SimpleNamespace(state=state, loras=loras, model=model, clip=clip, vae=vae, host_unet=host_unet)
 
 
@@ -137,6 +138,21 @@ def test_train_node_saves_into_loras_and_leaves_the_graphs_model_untouched(comfy
     assert comfy.state["progress"][-1] == (3, 3)
     assert not list(comfy.loras.glob(".*.tmp"))
     assert "ink wash.safetensors" in TestLoraGrid.INPUT_TYPES()["required"]["lora_name"][0]
+
+
+def test_sample_prompts_render_with_the_graphs_vae_and_clip(comfy, dataset, tmp_path):
+    from PIL import Image
+
+    from lora_trainer.hosts.comfyui import TrainLora
+
+    TrainLora().train(comfy.model, comfy.clip, comfy.vae, {"train_data_dir": str(dataset), "resolution": 64},
+                      "sampled", max_steps=2, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, batch_size=0,
+                      lora_targets="attention", optimizer="adamw", lr_scheduler="constant", seed=1,
+                      save_every_n_steps=0, advanced="device: cpu\nsample_prompts: [a mountain]\nsample_steps: 2")
+    samples = sorted((tmp_path / "output" / "lora_trainer" / "sampled" / "samples").glob("*.png"))
+    assert len(samples) == 1
+    with Image.open(samples[0]) as image:
+        assert image.size == (64, 64) and len(set(image.getdata())) > 1
 
 
 def test_interrupt_keeps_a_usable_partial_lora_then_reraises(comfy, dataset):

@@ -187,13 +187,17 @@ def comfy_backbone(model, clip, vae):
 
     pooled_dim = encode_prompts([""]).get("pooled", torch.zeros(1, 0)).shape[1] if family == "sdxl" else None
 
+    def decode_images(latents: torch.Tensor) -> torch.Tensor:
+        pixels = vae.decode(latent_format.process_out(latents))  # (B, H, W, C) in [0, 1]
+        return (pixels.movedim(-1, 1).float() * 2 - 1).clone()
+
     def release() -> None:
         mm.unload_all_models()
         mm.soft_empty_cache()
 
     return HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                       pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model",
-                                      release=release)
+                                      release=release, decode_images=decode_images)
 
 
 def publish(lora_file: Path, name: str) -> Path:
