@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import quick_config
 
 from lora_trainer.errors import ConfigError
@@ -155,3 +156,29 @@ def test_check_dataset_reports_problems(tmp_path, dataset):
     report = check_dataset(str(tmp_path))
     assert "1 usable images" in report and "broken.png" in report and "captions found: 0 of 1" in report
     assert "Problem" in check_dataset(str(tmp_path / "nowhere"))
+
+
+def test_the_standalone_test_grid_renders_each_strength(tmp_path, sd1_checkpoint, dataset):
+    """Strength 0 renders exactly what the model renders without the LoRA; strength 1 differs."""
+    import numpy as np
+
+    from lora_trainer.backbones.sd import DiffusionBackbone
+    from lora_trainer.ui.render import parse_strengths, render_strengths
+
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    trainer.start(_values(sd1_checkpoint, dataset, max_steps=4, learning_rate=1e-2))
+    job = trainer.wait(300)
+    assert job.state == "done", job.message
+    grid = render_strengths(str(sd1_checkpoint), job.lora_file, "inkwash, mountains", "", parse_strengths("0, 1"),
+                            seed=3, steps=2, size=64)
+    assert grid.size == (128, 84)
+    cells = np.asarray(grid)[:64]
+    base = DiffusionBackbone.from_file(sd1_checkpoint).sampling_pipeline()
+    base.set_progress_bar_config(disable=True)
+    plain = base("inkwash, mountains", num_inference_steps=2, guidance_scale=7.0, height=64, width=64,
+                 generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(cells[:, :64], np.asarray(plain))
+    assert not np.array_equal(cells[:, 64:], cells[:, :64])
+    with pytest.raises(ConfigError):
+        parse_strengths("0, lots")
