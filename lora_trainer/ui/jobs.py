@@ -126,10 +126,15 @@ class Trainer:
     def results(self) -> list[dict[str, Any]]:
         """The LoRA files in the host's LoRA folder, newest first."""
         folder = self.host.lora_dir()
-        files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True) \
-            if folder.is_dir() else []
-        return [{"name": p.stem, "file": str(p), "size": p.stat().st_size, "modified": p.stat().st_mtime,
-                 "prompt": f"<lora:{p.stem}:0.8>"} for p in files]
+        found = []
+        for path in folder.glob("*.safetensors") if folder.is_dir() else ():
+            try:
+                stat = path.stat()
+            except OSError:  # deleted or replaced between listing and reading
+                continue
+            found.append({"name": path.stem, "file": str(path), "size": stat.st_size, "modified": stat.st_mtime,
+                          "prompt": f"<lora:{path.stem}:0.8>"})
+        return sorted(found, key=lambda entry: entry["modified"], reverse=True)
 
     # the job's thread
 
