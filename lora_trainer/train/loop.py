@@ -201,9 +201,9 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     total_steps = math.ceil(len(plan) / accumulation)
     trained = [backbone.unet] + (backbone.text_encoders if te_train else [])
     shapes = {(len(indices), tuple(cache[indices[0]].latents.shape)) for _, indices in plan}
-    use_stepper, capture, why = graphs_wanted(config, device, num_processes=accelerator.num_processes, text_encoder_trained=te_train,
-                                  mixed_precision=accelerator.mixed_precision, total_steps=total_steps,
-                                  buckets=len(shapes))
+    use_stepper, capture, why = graphs_wanted(config, device, num_processes=accelerator.num_processes,
+                                              text_encoder_trained=te_train, mixed_precision=accelerator.mixed_precision,
+                                              total_steps=total_steps, buckets=len(shapes))
     log.info("Training step: %s.", why)
     stepper = None
     if use_stepper:

@@ -262,6 +262,10 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 return [], [], [], f"**Problem:** {exc}"
             return items, paths, table, f"{len(paths)} images."
 
+        def with_captions(folder_value, message):
+            """A caption handler's outputs: its message, then the grid and tag table as they are now."""
+            return (message, *on_show_captions(folder_value)[:3])
+
         def on_caption(folder_value, prefix, existing, model, *extra):
             from lora_trainer.caption import caption_folder
 
@@ -272,11 +276,11 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 config = make_config(values, CaptionConfig)
                 result = host.run_exclusive(lambda: caption_folder(folder_value.strip(), config))
             except LoraTrainerError as exc:
-                return (f"**Problem:** {exc}", *on_show_captions(folder_value)[:3])
+                return with_captions(folder_value, f"**Problem:** {exc}")
             message = f"Captioned {len(result.captioned)} images, kept {len(result.kept)} existing captions"
             if result.skipped:
                 message += ", could not read " + ", ".join(Path(p).name for p, _ in result.skipped[:10])
-            return (message + ".", *on_show_captions(folder_value)[:3])
+            return with_captions(folder_value, message + ".")
 
         def on_select(paths, evt: gr.SelectData):
             from lora_trainer.caption import list_captions
@@ -292,12 +296,12 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             from lora_trainer.caption import edit_caption
 
             if not image:
-                return "Click an image first.", *on_show_captions(folder_value)[:3]
+                return with_captions(folder_value, "Click an image first.")
             try:
                 edit_caption(folder_value.strip(), image, text)
             except LoraTrainerError as exc:
-                return f"**Problem:** {exc}", *on_show_captions(folder_value)[:3]
-            return f"Saved the caption of {Path(image).name}.", *on_show_captions(folder_value)[:3]
+                return with_captions(folder_value, f"**Problem:** {exc}")
+            return with_captions(folder_value, f"Saved the caption of {Path(image).name}.")
 
         def on_replace(folder_value, find_value, replace_value, regex_value):
             import re
@@ -305,12 +309,12 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             from lora_trainer.caption import replace_in_captions
 
             if not find_value:
-                return "Type what to find.", *on_show_captions(folder_value)[:3]
+                return with_captions(folder_value, "Type what to find.")
             try:
                 changed = replace_in_captions(folder_value.strip(), find_value, replace_value, regex=regex_value)
             except (LoraTrainerError, re.error) as exc:
-                return f"**Problem:** {exc}", *on_show_captions(folder_value)[:3]
-            return f"Changed {changed} captions.", *on_show_captions(folder_value)[:3]
+                return with_captions(folder_value, f"**Problem:** {exc}")
+            return with_captions(folder_value, f"Changed {changed} captions.")
 
         def on_train(folder_value, *args):
             base = args[:len(base_inputs)]
