@@ -7,8 +7,11 @@ synthetic JPEGs (so decoding costs what it costs on real data), and times both. 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -128,43 +131,125 @@ def real_shape_checkpoint(path: Path, family: str) -> Path:
     return path
 
 
-def _reference_loop(backbone, targets: list[str], batch: int, size: int, steps: int, device, rank: int = 16) -> dict:
-    """A plain eager diffusers + peft loop on the same modules: the yardstick every number is read against."""
+LEVERS = {
+    "baseline": {},
+    "fp32 frozen weights": {"frozen_dtype": torch.float32},
+    "channels_last": {"channels_last": True},
+    "SDPA flash only": {"sdpa": "FLASH_ATTENTION"},
+    "SDPA memory-efficient only": {"sdpa": "EFFICIENT_ATTENTION"},
+    "SDPA math only": {"sdpa": "MATH"},
+    "loss read back every step": {"item_every_step": True},
+    "latents copied from the CPU each step": {"data_on_cpu": True},
+}
+
+
+def _reference_loop(backbone, targets: list[str], batch: int, size: int, steps: int, device, rank: int = 16, *,
+                    capture: bool = False, frozen_dtype: torch.dtype | None = None, channels_last: bool = False,
+                    sdpa: str | None = None, item_every_step: bool = False, data_on_cpu: bool = False) -> dict:
+    """A plain eager diffusers + peft loop on the same modules: the yardstick every number is read against.
+
+    The keyword arguments are the levers `--levers` measures one at a time, eagerly and with the step captured
+    (CapturedStep, the trainer's own): frozen-weight dtype, channels_last, one SDPA backend, reading the loss
+    back every step, the batch's latents copied from the CPU each step.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     from lora_trainer.lora.inject import add_lora
+    from lora_trainer.train.graphs import CapturedStep
 
-    unet = backbone.unet.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cuda = device.type == "cuda"
+    unet = backbone.unet.to(device, frozen_dtype or (torch.bfloat16 if cuda else torch.float32))
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     params = add_lora(unet, targets, rank, rank, 0.0)
     for p in params:
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    latents = torch.randn(batch, 4, size // 8, size // 8, device="cpu" if data_on_cpu else device)
     with torch.no_grad():
         cond = {k: v.to(device).expand(batch, *v.shape[1:]) for k, v in backbone.encode_prompts(["a photo"]).items()}
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=torch.float32)
     time_ids = time_ids if backbone.family == "sdxl" else None
+    attention = contextlib.nullcontext  # a fresh context per step: sdpa_kernel's can be entered only once
+    if sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attention = lambda: sdpa_kernel(getattr(SDPBackend, sdpa))
+
+    def loss_of(inputs: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda), attention():
+            pred = backbone.predict(inputs["noisy"], inputs["t"], cond, time_ids)
+        return torch.nn.functional.mse_loss(pred.float(), inputs["noise"])
+
+    if capture:
+        stepper = CapturedStep(loss_of, [{"params": params, "lr": 1e-4}], 0.01, 0.0, capture=cuda)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    losses = []
 
     def step() -> None:
+        x = latents.to(device, non_blocking=False) if data_on_cpu else latents
         t = torch.randint(0, 1000, (batch,), device=device)
-        noise = torch.randn_like(latents)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = backbone.predict(backbone.noise_scheduler.add_noise(latents, noise, t), t, cond, time_ids)
-        torch.nn.functional.mse_loss(pred.float(), noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        noise = torch.randn_like(x)
+        inputs = {"noisy": backbone.noise_scheduler.add_noise(x, noise, t), "t": t, "noise": noise}
+        if capture:
+            loss = stepper(inputs)
+        else:
+            loss = loss_of(inputs)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item() if item_every_step else loss.detach().clone())
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    flops = 0
+    if not capture:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     for _ in range(3):
         step()
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
+    for index in range(steps):
         step()
+        if index % 10 == 9 and not item_every_step:
+            float(losses[-1])  # the trainer's habit: one host sync every 10 steps
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"steps_per_s": steps / seconds, "flops_per_step": counter.get_total_flops()}
+    return {"steps_per_s": steps / seconds, "flops_per_step": flops}
+
+
+def bench_levers(checkpoint: Path, batch: int, size: int, steps: int, device: torch.device) -> list[dict]:
+    """Each lever on its own against the baseline, eager and captured: steps/s and peak GiB."""
+    from lora_trainer.backbones.sd import DiffusionBackbone
+
+    rows = []
+    for name, lever in LEVERS.items():
+        row = {"lever": name}
+        for mode in ("eager", "captured"):
+            model = DiffusionBackbone.from_file(checkpoint)
+            targets = model.unet_lora_targets("attention_ff")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                result = _reference_loop(model, targets, batch, size, steps, device, capture=mode == "captured",
+                                         **lever)
+                row[f"{mode}_steps_per_s"] = round(result["steps_per_s"], 2)
+            except RuntimeError as exc:  # a backend this GPU or shape lacks is reported, not fatal
+                row[f"{mode}_steps_per_s"] = f"failed: {str(exc).splitlines()[0][:80]}"
+            row[f"{mode}_peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    print(f"Levers, one at a time (batch {batch}, {size} px): steps/s and peak GiB")
+    print("| lever | eager steps/s | eager peak GiB | captured steps/s | captured peak GiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['lever']} | {row['eager_steps_per_s']} | {row['eager_peak_gib']} | "
+              f"{row['captured_steps_per_s']} | {row['captured_peak_gib']} |")
+    return rows
 
 
 def _sync(device) -> None:
@@ -198,7 +283,8 @@ def _host_backbone(checkpoint: Path, device: torch.device):
 
 
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
-                  device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False) -> dict:
+                  device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False,
+                  tag: str = "") -> dict:
     """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
@@ -218,7 +304,7 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
 
     config = make_config({"base_model": str(checkpoint), "train_data_dir": str(data), "resolution": resolution,
                           "batch_size": batch, "max_steps": steps + 10, "lora_rank": 16, "lora_alpha": 16,
-                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}"), "save_every_n_epochs": 0,
+                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}-{checkpointing}{tag}"), "save_every_n_epochs": 0,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": "bf16" if device.type == "cuda" else "no", "enable_buckets": False,
                           "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing})
@@ -237,9 +323,50 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
     return result
 
 
+def _rank_worker(rank: int, processes: int, port: int, args: tuple, modes: tuple[str, ...], results) -> None:
+    """One process of a multi-GPU run, set up as `accelerate launch` / torchrun set up theirs."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+                       "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    checkpoint, data, tmp, resolution, batch, steps, device = args
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+    try:
+        for mode in modes:
+            result = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, device, mode,
+                                   tag=f"-{processes}procs")
+            if rank == 0:
+                results[mode] = result
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _time_processes(processes: int, checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int,
+                    steps: int, device: torch.device, modes: tuple[str, ...]) -> dict:
+    """Our trainer in `processes` processes (one GPU each), global batch `batch`; rank 0's numbers per mode."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_worker, args=(processes, port, (checkpoint, data, tmp, resolution, batch, steps, device),
+                                     modes, results), nprocs=processes)
+        return dict(results)
+
+
 def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
-                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False) -> dict:
-    """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers."""
+                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False,
+                processes: int = 1, levers: bool = False) -> dict:
+    """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers.
+
+    `processes` > 1 also times the trainer in that many processes (one GPU each; on a CPU, gloo) at `batch`
+    images per process; `levers` times each lever of the plain loop on its own, eagerly and captured.
+    """
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
 
@@ -254,7 +381,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         else:
             build_tiny_checkpoint(checkpoint, {"sd15": "sd1", "sdxl": "sdxl"}[family])
         data = tmp / "data"
-        synthetic_photos(data, max(batch * 4, 8), size=resolution)
+        synthetic_photos(data, max(batch * max(processes, 1) * 4, 8), size=resolution)
         for image in data.glob("*.jpg"):
             image.with_suffix(".txt").write_text("a photo", encoding="utf-8")
 
@@ -277,13 +404,22 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
             ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
                                                   "auto", checkpointing=True)
         drift = _lora_difference(ours["off"]["lora_file"], ours["auto"]["lora_file"])
+        if processes > 1:
+            multi = _time_processes(processes, checkpoint, data, tmp, resolution, batch * processes, steps,
+                                    torch_device, ("off", "auto"))
+            multi_drift = _lora_difference(multi["off"]["lora_file"], multi["auto"]["lora_file"])
+        lever_rows = bench_levers(checkpoint, batch, resolution, steps, torch_device) if levers else []
     flops = reference["flops_per_step"]
     rows = []
     for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer, eager step", ours["off"]),
                          ("lora_trainer (cuda_graphs: auto)", ours["auto"]),
                          ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
-                         *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ())):
-        images = result["steps_per_s"] * batch
+                         *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ()),
+                         *(((f"lora_trainer, {processes} processes, eager step (DDP)", multi["off"]),
+                            (f"lora_trainer, {processes} processes (cuda_graphs: auto)", multi["auto"]))
+                           if processes > 1 else ())):
+        per_step = batch * processes if "processes" in name else batch
+        images = result["steps_per_s"] * per_step
         rows.append({"trainer": name, "steps_per_s": round(result["steps_per_s"], 2), "images_per_s": round(images, 2),
                      "peak_gib": None if result["peak_gib"] is None else round(result["peak_gib"], 2),
                      "first_step_s": round(result.get("first_step_s", 0.0), 1),
@@ -291,7 +427,12 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
     report = {"family": family, "size": size, "batch": batch, "resolution": resolution, "device": str(torch_device),
               "lora_modules": len(targets), "tflop_per_step": round(flops / 1e12, 3), "rows": rows,
               "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2),
-              "captured_vs_eager_lora_difference": drift}
+              "captured_vs_eager_lora_difference": drift, "levers": lever_rows}
+    if processes > 1:
+        report["processes"] = processes
+        report["multi_process_speedup_vs_one"] = round(
+            multi["auto"]["steps_per_s"] * processes / ours["auto"]["steps_per_s"], 2)
+        report["multi_process_captured_vs_eager_lora_difference"] = multi_drift
     print(f"{family} {size}, batch {batch}, {resolution} px, {len(targets)} LoRA modules, {report['tflop_per_step']} TFLOP/step")
     print("| trainer | steps/s | images/s | peak GiB | first step s | % of ideal |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -300,6 +441,9 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
               f"{row['first_step_s']} | {row['percent_of_ideal']} |")
     print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
           f"{drift:.2e} of the largest weight")
+    if processes > 1:
+        print(f"{processes} processes (cuda_graphs: auto) vs one: {report['multi_process_speedup_vs_one']}x the images/s; "
+              f"LoRA captured vs eager step: {multi_drift:.2e}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report

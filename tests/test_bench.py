@@ -14,9 +14,16 @@ def test_caption_benchmark_runs_at_tiny_size(tmp_path):
 def test_training_benchmark_runs_at_tiny_size(tmp_path):
     from lora_trainer.bench import bench_train
 
-    report = bench_train("sd15", batch=2, steps=3, size="tiny", device="cpu", out=tmp_path / "t.json")
+    report = bench_train("sd15", batch=2, steps=3, size="tiny", device="cpu", out=tmp_path / "t.json", processes=2,
+                         levers=True)
     assert [row["trainer"] for row in report["rows"]] == ["plain eager diffusers + peft", "lora_trainer, eager step",
                                                          "lora_trainer (cuda_graphs: auto)",
-                                                         "lora_trainer on a host's model (WebUI/ComfyUI path)"]
+                                                         "lora_trainer on a host's model (WebUI/ComfyUI path)",
+                                                         "lora_trainer, 2 processes, eager step (DDP)",
+                                                         "lora_trainer, 2 processes (cuda_graphs: auto)"]
+    assert report["multi_process_captured_vs_eager_lora_difference"] < 1e-5  # on a CPU both run eagerly: the same
+    levers = {row["lever"]: row for row in report["levers"]}
+    assert {"baseline", "channels_last", "SDPA math only", "latents copied from the CPU each step"} <= levers.keys()
+    assert all(isinstance(levers["baseline"][f"{mode}_steps_per_s"], float) for mode in ("eager", "captured"))
     assert all(row["steps_per_s"] > 0 for row in report["rows"]) and report["lora_modules"] == 84
     assert json.loads((tmp_path / "t.json").read_text())["batch"] == 2

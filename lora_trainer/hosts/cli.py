@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,14 +19,17 @@ log = logging.getLogger("lora_trainer")
 class ProgressBar:
     """Shows the engine's progress events as a tqdm bar with loss, it/s and ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.bar = None
         self.phase = None
+        self.enabled = enabled
 
     def __call__(self, event: Event) -> None:
         """Update the bar from one event."""
         from tqdm import tqdm
 
+        if not self.enabled:
+            return
         if event.kind == "progress":
             phase = event.data.get("phase", "training")
             if "images_per_second" in event.data and self.bar is not None:
@@ -83,7 +87,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(resolve(config, family_of(config.base_model, config.allow_pickle))), end="")
         return 0
-    bar = ProgressBar()
+    # one progress bar per run: under `accelerate launch` / torchrun only the first process draws it
+    bar = ProgressBar(enabled=os.environ.get("RANK", "0") == "0")
     result = train_lora(config, listeners=[bar], resume=args.resume)
     bar.close()
     if result.interrupted:
@@ -159,7 +164,8 @@ def _bench(args: argparse.Namespace) -> int:
         from lora_trainer.bench import bench_train
 
         bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
-                    device=args.device, out=args.out, checkpointing=args.checkpointing)
+                    device=args.device, out=args.out, checkpointing=args.checkpointing, processes=args.processes,
+                    levers=args.levers)
         return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
@@ -238,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-length", type=int, default=20, help="New tokens per caption.")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--checkpointing", action="store_true", help="train: also time our trainer with gradient checkpointing.")
+    bench.add_argument("--processes", type=int, default=1,
+                       help="train: also time N processes, one GPU each, at --batch images per process.")
+    bench.add_argument("--levers", action="store_true",
+                       help="train: time each speed lever of the plain loop on its own, eager and captured.")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
     bench.set_defaults(run=_bench)
 

@@ -12,7 +12,10 @@ What capture needs, and how it is met here:
 - warm-up steps on a side stream before capture (they allocate optimizer state and cuBLAS workspaces): they
   change the LoRA, so its weights and the optimizer state are put back exactly afterwards, and the run
   stays identical to one without warm-up;
-- no `.item()` in the step: the loss stays on the GPU and is read every `log_every_n_steps`.
+- no `.item()` in the step: the loss stays on the GPU and is read every `log_every_n_steps`;
+- several processes (one per GPU): the gradients are views of one flat buffer, averaged by one all-reduce
+  inside the graph (NCCL collectives can be captured). The warm-up skips it, so a process capturing a new
+  shape never waits on one that is replaying; every replay runs exactly one all-reduce on every process.
 
 The same object runs eagerly (`capture=False`) through the same static buffers, tensor learning rates,
 warm-up and restore: the CPU tests check that path against the plain loop.
@@ -35,7 +38,8 @@ class CapturedStep:
     """Runs `loss_fn(inputs)` + backward + clip + optimizer step, replayed from a CUDA graph per input shape."""
 
     def __init__(self, loss_fn: Callable[[StepInputs], torch.Tensor], groups: list[dict],
-                 weight_decay: float, max_grad_norm: float, *, capture: bool, warmup: int = 3) -> None:
+                 weight_decay: float, max_grad_norm: float, *, capture: bool, warmup: int = 3,
+                 reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         self.loss_fn = loss_fn
         self.params = [p for group in groups for p in group["params"]]
         device = self.params[0].device
@@ -49,8 +53,17 @@ class CapturedStep:
         self.warmup = warmup
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, StepInputs, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # gradients live at fixed addresses, the graph writes into them: views of one flat buffer, so that
+        # several processes average them with one all-reduce
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), device=device, dtype=self.params[0].dtype)
+        offset = 0
         for p in self.params:
-            p.grad = torch.zeros_like(p)  # gradients live at fixed addresses: the graph writes into them
+            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.reduce = reduce
+        self._warming = False
+        if reduce is not None:
+            reduce(self.flat_grad)  # every process builds its step at the same point: set up the communicator
         # create the optimizer state now, before any activations exist: made lazily inside the warm-up, these
         # small tensors land in the middle of the warm-up's large blocks and keep them from being freed
         saved = self._snapshot()
@@ -84,10 +97,11 @@ class CapturedStep:
         return self._step(static)
 
     def _step(self, static: StepInputs) -> torch.Tensor:
-        for p in self.params:
-            p.grad.zero_()
+        self.flat_grad.zero_()
         loss = self.loss_fn(static)
         loss.backward()
+        if self.reduce is not None and not self._warming:
+            self.reduce(self.flat_grad)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()
@@ -106,9 +120,13 @@ class CapturedStep:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for _ in range(self.warmup):
-                self._step(static)
+        self._warming = True  # its steps are undone below; other processes are not taking part in them
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for _ in range(self.warmup):
+                    self._step(static)
+        finally:
+            self._warming = False
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
         graph, loss = None, torch.zeros(())
@@ -156,8 +174,6 @@ def graphs_wanted(config, device: torch.device, *, num_processes: int, text_enco
     reasons = []
     if device.type != "cuda" and setting == "auto":
         reasons.append("not on a CUDA GPU")
-    if num_processes > 1:
-        reasons.append("more than one process")
     if config.optimizer != "adamw":
         reasons.append(f"optimizer {config.optimizer} (only adamw is captured)")
     if mixed_precision == "fp16":

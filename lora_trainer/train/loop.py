@@ -207,10 +207,20 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     log.info("Training step: %s.", why)
     stepper = None
     if use_stepper:
-        models = [accelerator.prepare(model) for model in trained]
+        reduce = None
+        if accelerator.num_processes > 1:
+            # no DDP wrapper (its bucketed hooks cannot be captured): one all-reduce of the flat gradient instead
+            models = trained
+            world = accelerator.num_processes
+
+            def reduce(flat: torch.Tensor) -> None:
+                torch.distributed.all_reduce(flat)
+                flat.div_(world)
+        else:
+            models = [accelerator.prepare(model) for model in trained]
         backbone.runner = models[0]
         stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs), groups,
-                               config.weight_decay, config.max_grad_norm, capture=capture)
+                               config.weight_decay, config.max_grad_norm, capture=capture, reduce=reduce)
         optimizer = stepper.optimizer
         # the schedule runs on a stand-in optimizer with float rates; each step copies them into the GPU tensors
         shadow = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": g["lr"]} for g in groups])
