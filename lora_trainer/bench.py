@@ -284,7 +284,7 @@ def _host_backbone(checkpoint: Path, device: torch.device):
 
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
                   device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False,
-                  tag: str = "") -> dict:
+                  tag: str = "", precision: str = "bf16") -> dict:
     """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
@@ -304,9 +304,9 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
 
     config = make_config({"base_model": str(checkpoint), "train_data_dir": str(data), "resolution": resolution,
                           "batch_size": batch, "max_steps": steps + 10, "lora_rank": 16, "lora_alpha": 16,
-                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}-{checkpointing}{tag}"), "save_every_n_epochs": 0,
+                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}-{checkpointing}-{precision}{tag}"), "save_every_n_epochs": 0,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
-                          "mixed_precision": "bf16" if device.type == "cuda" else "no", "enable_buckets": False,
+                          "mixed_precision": precision if device.type == "cuda" else "no", "enable_buckets": False,
                           "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing})
     start = time.perf_counter()
     trained = train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
@@ -400,6 +400,13 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         ours = {mode: _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, mode)
                 for mode in ("off", "auto")}
         ours["host"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto", host=True)
+        # the WebUI keeps its UNet in fp16 and we train it as it is: a loss scale on the GPU, still captured
+        ours["host_fp16"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
+                                          host=True, precision="fp16")
+        # the noise floor of the captured-vs-eager comparison: two eager runs of the same seed
+        ours["off_again"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "off",
+                                          tag="-again")
+        noise_floor = _lora_difference(ours["off"]["lora_file"], ours["off_again"]["lora_file"])
         if checkpointing:
             ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
                                                   "auto", checkpointing=True)
@@ -408,12 +415,13 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
             multi = _time_processes(processes, checkpoint, data, tmp, resolution, batch * processes, steps,
                                     torch_device, ("off", "auto"))
             multi_drift = _lora_difference(multi["off"]["lora_file"], multi["auto"]["lora_file"])
-        lever_rows = bench_levers(checkpoint, batch, resolution, steps, torch_device) if levers else []
+        lever_rows = bench_levers(checkpoint, batch, resolution, min(steps, 30), torch_device) if levers else []
     flops = reference["flops_per_step"]
     rows = []
     for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer, eager step", ours["off"]),
                          ("lora_trainer (cuda_graphs: auto)", ours["auto"]),
                          ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
+                         ("lora_trainer on a host's fp16 model (WebUI path, fp16)", ours["host_fp16"]),
                          *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ()),
                          *(((f"lora_trainer, {processes} processes, eager step (DDP)", multi["off"]),
                             (f"lora_trainer, {processes} processes (cuda_graphs: auto)", multi["auto"]))
@@ -427,7 +435,8 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
     report = {"family": family, "size": size, "batch": batch, "resolution": resolution, "device": str(torch_device),
               "lora_modules": len(targets), "tflop_per_step": round(flops / 1e12, 3), "rows": rows,
               "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2),
-              "captured_vs_eager_lora_difference": drift, "levers": lever_rows}
+              "captured_vs_eager_lora_difference": drift, "eager_vs_eager_lora_difference": noise_floor,
+              "levers": lever_rows}
     if processes > 1:
         report["processes"] = processes
         report["multi_process_speedup_vs_one"] = round(
@@ -440,7 +449,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} | "
               f"{row['first_step_s']} | {row['percent_of_ideal']} |")
     print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
-          f"{drift:.2e} of the largest weight")
+          f"{drift:.2e} of the largest weight; two eager runs: {noise_floor:.2e}")
     if processes > 1:
         print(f"{processes} processes (cuda_graphs: auto) vs one: {report['multi_process_speedup_vs_one']}x the images/s; "
               f"LoRA captured vs eager step: {multi_drift:.2e}")

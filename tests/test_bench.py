@@ -19,6 +19,7 @@ def test_training_benchmark_runs_at_tiny_size(tmp_path):
     assert [row["trainer"] for row in report["rows"]] == ["plain eager diffusers + peft", "lora_trainer, eager step",
                                                          "lora_trainer (cuda_graphs: auto)",
                                                          "lora_trainer on a host's model (WebUI/ComfyUI path)",
+                                                         "lora_trainer on a host's fp16 model (WebUI path, fp16)",
                                                          "lora_trainer, 2 processes, eager step (DDP)",
                                                          "lora_trainer, 2 processes (cuda_graphs: auto)"]
     assert report["multi_process_captured_vs_eager_lora_difference"] < 1e-5  # on a CPU both run eagerly: the same

@@ -376,9 +376,43 @@ def test_why_a_step_is_or_is_not_captured():
     assert wanted(cuda_graphs="off")[:2] == (False, False)
     assert "too short" in wanted(steps=40)[2] and wanted(steps=40, cuda_graphs="on")[:2] == (True, True)
     assert wanted(processes=2)[:2] == (True, True)  # one all-reduce inside the graph (test_multiprocess.py)
-    for blocker, text in (({"precision": "fp16"}, "fp16"),
-                          ({"te": True}, "text-encoder"), ({"optimizer": "prodigy"}, "prodigy"),
+    assert wanted(precision="fp16")[:2] == (True, True)  # a loss scale on the device
+    for blocker, text in (({"te": True}, "text-encoder"), ({"optimizer": "prodigy"}, "prodigy"),
                           ({"gradient_accumulation_steps": 2}, "accumulation"), ({"lora_dropout": 0.1}, "dropout"),
                           ({"gradient_checkpointing": True}, "checkpointing")):
         use, _, why = wanted(**blocker)
         assert not use and text in why, blocker
+
+
+def test_the_graph_ready_step_scales_the_fp16_loss_on_the_device():
+    """With loss_scale (fp16), the update equals the unscaled one; a step whose gradients overflow changes
+    nothing but the scale, which halves, exactly as torch's GradScaler does it."""
+    from lora_trainer.train.graphs import CapturedStep
+
+    def run(loss_scale: bool, poison_at: int | None = None):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 3))
+        x, y = torch.randn(8, 3), torch.randn(8, 4)
+        calls = {"n": 0}
+
+        def loss_fn(inputs):
+            calls["n"] += 1
+            loss = ((inputs["x"] @ weight.T - inputs["y"]) ** 2).mean()
+            return loss * float("inf") if calls["n"] == poison_at else loss
+
+        step = CapturedStep(loss_fn, [{"params": [weight], "lr": 1e-2}], 0.01, 1.0, capture=False, warmup=1,
+                            loss_scale=loss_scale)
+        history = []
+        for _ in range(4):
+            step({"x": x, "y": y})
+            history.append((weight.detach().clone(), None if step.scale is None else float(step.scale)))
+        return history
+
+    plain, scaled = run(False), run(True)
+    for (a, _), (b, scale) in zip(plain, scaled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        assert scale == 2.0**16
+    poisoned = run(True, poison_at=3)  # call 1 is the warm-up (undone), call 3 is the second real step
+    torch.testing.assert_close(poisoned[1][0], poisoned[0][0], rtol=0, atol=0)  # the overflowing step: no update
+    assert [scale for _, scale in poisoned] == [2.0**16, 2.0**15, 2.0**15, 2.0**15]
+    torch.testing.assert_close(poisoned[2][0], plain[1][0], rtol=1e-5, atol=1e-7)  # then it goes on as if skipped

@@ -13,6 +13,9 @@ What capture needs, and how it is met here:
   change the LoRA, so its weights and the optimizer state are put back exactly afterwards, and the run
   stays identical to one without warm-up;
 - no `.item()` in the step: the loss stays on the GPU and is read every `log_every_n_steps`;
+- fp16 (the WebUI keeps its UNet in fp16): a dynamic loss scale kept on the GPU, the gradients unscaled and
+  checked for inf/NaN on the GPU, the fused AdamW told to skip its update where they are not finite, and the
+  scale halved or grown on the GPU: GradScaler's arithmetic, with no host sync;
 - several processes (one per GPU): the gradients are views of one flat buffer, averaged by one all-reduce
   inside the graph (NCCL collectives can be captured). The warm-up skips it, so a process capturing a new
   shape never waits on one that is replaying; every replay runs exactly one all-reduce on every process.
@@ -39,15 +42,20 @@ class CapturedStep:
 
     def __init__(self, loss_fn: Callable[[StepInputs], torch.Tensor], groups: list[dict],
                  weight_decay: float, max_grad_norm: float, *, capture: bool, warmup: int = 3,
-                 reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+                 reduce: Callable[[torch.Tensor], None] | None = None, loss_scale: bool = False) -> None:
         self.loss_fn = loss_fn
         self.params = [p for group in groups for p in group["params"]]
         device = self.params[0].device
         self.lrs = [torch.tensor(float(group["lr"]), device=device) for group in groups]
         tensor_groups = [{**group, "lr": lr} for group, lr in zip(groups, self.lrs)]
         # tensor learning rates need either the capturable fused kernel or the single-tensor one
-        self.optimizer = torch.optim.AdamW(tensor_groups, weight_decay=weight_decay, fused=capture or None,
-                                           capturable=capture, foreach=False if not capture else None)
+        # (only the fused kernel can skip an update on the device when the loss scale overflowed)
+        fused = capture or loss_scale
+        self.optimizer = torch.optim.AdamW(tensor_groups, weight_decay=weight_decay, fused=fused or None,
+                                           capturable=capture, foreach=False if not fused else None)
+        self.scale = torch.full((), 2.0**16, device=device) if loss_scale else None  # GradScaler's defaults
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), device=device)
         self.max_grad_norm = max_grad_norm
         self.capture = capture
         self.warmup = warmup
@@ -99,12 +107,19 @@ class CapturedStep:
     def _step(self, static: StepInputs) -> torch.Tensor:
         self.flat_grad.zero_()
         loss = self.loss_fn(static)
-        loss.backward()
+        (loss if self.scale is None else loss.float() * self.scale).backward()
         if self.reduce is not None and not self._warming:
             self.reduce(self.flat_grad)
+        if self.scale is not None:
+            self.found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_([self.flat_grad], self.found_inf,
+                                                            self.scale.double().reciprocal().float())
+            self.optimizer.found_inf = self.found_inf  # read by the fused kernel: no update where it is 1
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()
+        if self.scale is not None:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
         return loss.detach()
 
     def _prepare(self, inputs: StepInputs):
@@ -135,16 +150,19 @@ class CapturedStep:
             # them back first, or capture holds a second set (measured: 9.4 GiB instead of 7.0 at SD1.5 batch 4)
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 loss = self._step(static)
-            log.info("Captured the training step for inputs %s", {k: tuple(v.shape) for k, v in inputs.items()})
+            log.info("Captured the training step for inputs %s (%.2f GiB more reserved)",
+                     {k: tuple(v.shape) for k, v in inputs.items()}, (torch.cuda.memory_reserved() - before) / 2**30)
         self._restore(saved)
         return graph, static, loss
 
     def _snapshot(self) -> dict:
         """The LoRA weights and optimizer state before warm-up (a state not created yet is recorded as None)."""
         return {"params": [p.detach().clone() for p in self.params],
+                "scale": [] if self.scale is None else [self.scale.clone(), self.growth_tracker.clone()],
                 "state": [{k: v.clone() for k, v in self.optimizer.state[p].items()} if p in self.optimizer.state
                           else None for p in self.params]}
 
@@ -159,6 +177,8 @@ class CapturedStep:
                     else:
                         tensor.copy_(state[name])
                 p.grad.zero_()
+            for tensor, value in zip((self.scale, self.growth_tracker), saved["scale"]):
+                tensor.copy_(value)
 
 
 def graphs_wanted(config, device: torch.device, *, num_processes: int, text_encoder_trained: bool,
@@ -176,8 +196,6 @@ def graphs_wanted(config, device: torch.device, *, num_processes: int, text_enco
         reasons.append("not on a CUDA GPU")
     if config.optimizer != "adamw":
         reasons.append(f"optimizer {config.optimizer} (only adamw is captured)")
-    if mixed_precision == "fp16":
-        reasons.append("fp16 needs a loss scaler (use bf16)")
     if config.gradient_accumulation_steps > 1:
         reasons.append("gradient accumulation")
     if config.lora_dropout:

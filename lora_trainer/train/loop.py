@@ -220,7 +220,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             models = [accelerator.prepare(model) for model in trained]
         backbone.runner = models[0]
         stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs), groups,
-                               config.weight_decay, config.max_grad_norm, capture=capture, reduce=reduce)
+                               config.weight_decay, config.max_grad_norm, capture=capture, reduce=reduce,
+                               loss_scale=accelerator.mixed_precision == "fp16")
         optimizer = stepper.optimizer
         # the schedule runs on a stand-in optimizer with float rates; each step copies them into the GPU tensors
         shadow = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": g["lr"]} for g in groups])
