@@ -35,7 +35,8 @@ class TrainConfig:
     """Everything that decides a training run. `None` means "from the model family's preset"."""
 
     # model
-    base_model: str = _field("", "Base checkpoint: an SD1.x/SD2.x/SDXL single-file .safetensors, or a diffusers folder.", group="model")
+    model_type: str = _field("image", "What base_model is: an image model (SD1.x/SD2.x/SDXL), or a causal language model (causal_lm: a local Hugging Face model folder such as LLaMA, Mistral, Qwen or GPT-2). Only the keys of its kind matter.", group="model", choices=("image", "causal_lm"))
+    base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model")
     family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
     prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"))
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
@@ -99,6 +100,14 @@ class TrainConfig:
     sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0)
     log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000)
 
+    # language models (model_type: causal_lm)
+    target_modules: str = _field("q_proj,v_proj", "Language model layers that get a LoRA: comma-separated module names (q_proj,v_proj as in the lora-scripts article; GPT-2 calls its attention c_attn), or all_linear for every linear layer but the output head.", group="language model")
+    max_seq_length: int = _field(0, "Tokens per training sequence (0 = 1024, or the model's context if shorter). Longer .txt documents are cut into pieces; a longer prompt/completion or chat example is an error.", group="language model", min=0, max=1_048_576)
+    packing: bool = _field(False, "Concatenate examples into rows of exactly max_seq_length tokens (no padding: faster on many short examples; examples in one row see each other).", group="language model")
+    validation_split: float = _field(0.1, "Share of the examples held out to measure perplexity before and after training (0 = none).", group="language model", min=0.0, max=0.5)
+    load_in_4bit: bool = _field(False, "QLoRA: keep the frozen model in 4-bit NF4 (needs bitsandbytes and a CUDA GPU): about a quarter of the memory.", group="language model")
+    save_merged_model: bool = _field(False, "Also write the model with the LoRA merged in, as a full Hugging Face folder beside the adapter.", group="language model")
+
 
 @dataclass
 class CaptionConfig:
@@ -155,6 +164,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd2": {"resolution": 768, "min_bucket_reso": 384, "max_bucket_reso": 1536, "lora_rank": 16, "lora_alpha": 8.0,
                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
                 "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 2, "clip_skip": 1},
+    "causal_lm": {"lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 2e-4, "optimizer": "adamw",
+                  "lr_scheduler": "cosine", "lr_warmup_steps": 0, "epochs": 3, "batch_size": 4},
     "sdxl": {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 8.0,
                  "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
                  "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 1, "clip_skip": 1},
@@ -273,13 +284,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def resolve(config: TrainConfig, family: str) -> TrainConfig:
-    """Fill the preset values of `family` into every key left at None, and derive names and folders."""
+    """Fill the preset values of `family` (or causal_lm) into every key left at None, and derive names and folders."""
     if family not in PRESETS:
         raise ConfigError(f"Unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
     values = dataclasses.asdict(config)
     for key, value in PRESETS[family].items():
         if values[key] is None:
             values[key] = value
+    if family == "causal_lm":
+        if not values["output_name"]:
+            values["output_name"] = f"{Path(values['train_data_dir']).stem or 'my'}_lora"
+        values["output_name"] = safe_name(values["output_name"])
+        values["output_dir"] = values["output_dir"] or str(Path("output") / values["output_name"])
+        return TrainConfig(**values)
     values["family"] = family
     if values["prediction_type"] == "auto":
         values["prediction_type"] = "v_prediction" if family == "sd2" else "epsilon"
@@ -319,6 +336,8 @@ def markdown_table(cls: type = TrainConfig) -> str:
             values = {family: PRESETS[family][f.name] for family in FAMILIES}
             same = len(set(values.values())) == 1
             default = f"{values['sd1']!r}" if same else " / ".join(f"{k} {v!r}" for k, v in values.items())
+            if f.name in PRESETS["causal_lm"]:
+                default += f"; causal_lm {PRESETS['causal_lm'][f.name]!r}"
         else:
             default = repr(f.default if f.default is not dataclasses.MISSING else [])
         if meta["choices"]:

@@ -28,3 +28,18 @@ def test_training_benchmark_runs_at_tiny_size(tmp_path):
     assert all(isinstance(levers["baseline"][f"{mode}_steps_per_s"], float) for mode in ("eager", "captured"))
     assert all(row["steps_per_s"] > 0 for row in report["rows"]) and report["lora_modules"] == 84
     assert json.loads((tmp_path / "t.json").read_text())["batch"] == 2
+
+
+def test_language_model_benchmark_runs_at_tiny_size(tmp_path):
+    import pytest
+    import transformers
+
+    if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):
+        pytest.skip("language-model training needs transformers >= 4.40")
+    from lora_trainer.bench import bench_lm
+
+    report = bench_lm("tiny", batch=2, seq=64, steps=6, device="cpu", out=tmp_path / "lm.json")
+    assert [row["trainer"] for row in report["rows"]] == ["plain transformers + peft", "lora_trainer, eager step",
+                                                         "lora_trainer (cuda_graphs: auto)"]
+    assert all(row["tokens_per_s"] > 0 for row in report["rows"])
+    assert json.loads((tmp_path / "lm.json").read_text())["seq"] == 64

@@ -47,6 +47,8 @@ class ProgressBar:
             self._write(f"saved {event.data['path']}")
         elif event.kind == "sample":
             self._write(f"sample {event.data['path']}")
+        elif event.kind == "eval":
+            self._write(f"held-out perplexity {event.data['when']} training: {event.data['perplexity']:.3f}")
         elif event.kind == "start":
             self._write(event.data["data_summary"])
         elif event.kind == "done":
@@ -80,12 +82,16 @@ def _train(args: argparse.Namespace) -> int:
     if config_file is None and not args.set:
         raise LoraTrainerError("Give a config: `train --config my.yaml` (and/or --set key=value ...).")
     config = load_config(config_file, args.set)
+    language = config.model_type == "causal_lm"
     if not config.base_model:
-        raise LoraTrainerError("base_model is not set: point it at an SD1.x/SD2.x/SDXL .safetensors file.")
+        raise LoraTrainerError("base_model is not set: point it at " + (
+            "a Hugging Face model folder." if language else "an SD1.x/SD2.x/SDXL .safetensors file."))
     if not config.train_data_dir:
-        raise LoraTrainerError("train_data_dir is not set: point it at your folder of images and captions.")
+        raise LoraTrainerError("train_data_dir is not set: point it at your " + (
+            ".txt/.jsonl files." if language else "folder of images and captions."))
     if args.print_config:
-        print(to_yaml(resolve(config, family_of(config.base_model, config.allow_pickle))), end="")
+        family = "causal_lm" if language else family_of(config.base_model, config.allow_pickle)
+        print(to_yaml(resolve(config, family)), end="")
         return 0
     # one progress bar per run: under `accelerate launch` / torchrun only the first process draws it
     bar = ProgressBar(enabled=os.environ.get("RANK", "0") == "0")
@@ -95,6 +101,17 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if result.lora_file is None:
         return 0  # another process of a multi-GPU run: the main one writes and reports
+    if language:
+        before, after = result.metrics.get("perplexity_before"), result.metrics.get("perplexity_after")
+        if before is not None and after is not None:
+            print(f"Held-out perplexity: {before:.3f} before, {after:.3f} after training.")
+        print(f"Adapter written: {result.lora_file}")
+        print(f"Load it with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({config.base_model!r}), "
+              f"{str(result.lora_file)!r})")
+        if "merged_model" in result.metrics:
+            print(f"Merged model: {result.metrics['merged_model']}")
+        print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")
+        return 0
     print(f"LoRA written: {result.lora_file}")
     print(f"Use it as <lora:{result.lora_file.stem}:0.8> (copy it into your WebUI's models/Lora or ComfyUI's models/loras).")
     print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")
@@ -160,6 +177,12 @@ def _bench(args: argparse.Namespace) -> int:
     """`bench caption`: time the captioner against a plain generate loop."""
     from lora_trainer.bench import bench_caption
 
+    if args.what == "lm":
+        from lora_trainer.bench import bench_lm
+
+        bench_lm(size="tiny" if args.size == "tiny" else "real", batch=args.batch, seq=args.seq, steps=args.steps,
+                 device=args.device, out=args.out, checkpointing=args.checkpointing)
+        return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
 
@@ -231,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     captions.set_defaults(run=_captions)
 
     bench = commands.add_parser("bench", help="Benchmarks (random-weight models of real shapes; use a GPU).")
-    bench.add_argument("what", choices=["caption", "train"])
+    bench.add_argument("what", choices=["caption", "train", "lm"])
     bench.add_argument("--size", choices=["tiny", "base", "large", "real"], default="base",
                        help="caption: BLIP size; train: real or tiny shapes (tiny for CPUs).")
     bench.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="train: model family.")
@@ -244,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-length", type=int, default=20, help="New tokens per caption.")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--checkpointing", action="store_true", help="train: also time our trainer with gradient checkpointing.")
+    bench.add_argument("--seq", type=int, default=1024, help="lm: tokens per row.")
     bench.add_argument("--processes", type=int, default=1,
                        help="train: also time N processes, one GPU each, at --batch images per process.")
     bench.add_argument("--levers", action="store_true",

@@ -43,6 +43,7 @@ class TrainResult:
     interrupted: bool = False
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # language models: held-out perplexity before/after
 
 
 def _rng(seed: int, *stream: int) -> torch.Generator:
@@ -101,7 +102,16 @@ def _accelerator(config: TrainConfig, logging_dir: Path) -> Accelerator:
 def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listener, ...] = (),
                cancel: CancelToken | None = None, backbone: DiffusionBackbone | None = None,
                resume: str | Path | None = None) -> TrainResult:
-    """Train a LoRA as `config` says and write it as a kohya-format file; see TrainResult."""
+    """Train a LoRA as `config` says and write it as a kohya-format file; see TrainResult.
+
+    `model_type: causal_lm` trains a peft LoRA on a language model instead (lora_trainer.text.train).
+    """
+    if config.model_type == "causal_lm":
+        if backbone is not None:
+            raise ConfigError("model_type: causal_lm trains a language model from base_model, not a host's image model.")
+        from lora_trainer.text.train import train_causal_lm
+
+        return train_causal_lm(config, listeners=listeners, cancel=cancel, resume=resume)
     bus = EventBus(listeners)
     cancel = cancel or CancelToken()
     started_at = time.time()

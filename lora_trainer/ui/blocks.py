@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 BASIC = ("output_name", "trigger_word", "epochs", "max_steps", "lora_rank", "learning_rate", "resolution",
          "batch_size")
 ALWAYS_HIDDEN = ("train_data_dir", "base_model")  # they have their own boxes on the Dataset tab
+# this tab trains image models; language models are trained from the command line (model_type: causal_lm)
+IMAGE_UI_SKIPS = {"model_type"} | {f.name for f in config_fields(TrainConfig) if f.metadata["group"] == "language model"}
 THUMBNAIL = 256
 PRESET = "preset"
 CAPTION_ID = "lora_trainer_caption_"  # element ids of the captioning options (they share names with training keys)
@@ -139,7 +141,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
     """The whole tab. `host` is a UiHost (hosts/app.py, hosts/a1111.py); `trainer` runs its jobs."""
     fields = {f.name: f for f in config_fields(TrainConfig)}
     caption_fields = {f.name: f for f in config_fields(CaptionConfig)}
-    hidden = set(ALWAYS_HIDDEN) | set(host.hidden_keys)
+    hidden = set(ALWAYS_HIDDEN) | set(host.hidden_keys) | IMAGE_UI_SKIPS
     defaults = host.default_values()
 
     with gr.Blocks(analytics_enabled=False, title="LoRA Trainer") as blocks:
