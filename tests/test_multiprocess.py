@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import make_dataset
@@ -23,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: dict, folder: Path, processes: int = 2) -> Path:
-    """Run `python -m lora_trainer train --config` in `processes` ranks; the LoRA file the main rank wrote."""
+def _launch(config: dict, folder: Path, processes: int = 2, pattern: str = "*.safetensors"):
+    """Run `python -m lora_trainer train --config` in `processes` ranks; what the main rank wrote, and the logs."""
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     port = str(_free_port())
@@ -38,7 +39,7 @@ def _launch(config: dict, folder: Path, processes: int = 2) -> Path:
                                         stderr=subprocess.STDOUT, text=True))
     logs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n\n".join(logs)
-    files = sorted(Path(config["output_dir"]).glob("*.safetensors"))
+    files = sorted(Path(config["output_dir"]).glob(pattern))
     assert len(files) == 1, (files, logs[0])
     return files[0], logs
 
@@ -61,3 +62,30 @@ def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_
     for key in loras["off"]:  # DDP's bucketed all-reduce vs ours over one flat buffer: the same averages
         torch.testing.assert_close(loras["on"][key], loras["off"][key], rtol=1e-4, atol=1e-6)
     assert any(v.abs().max() > 0 for k, v in loras["on"].items() if "lora_up" in k)
+
+
+def test_two_processes_train_one_language_model_adapter_the_same_both_ways(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):
+        pytest.skip("language-model training needs transformers >= 4.40")
+    from safetensors.torch import load_file
+
+    from lora_trainer.text.tiny import build_tiny_lm
+
+    texts = [f"the {c} cat sat on the {s} mat ." for c in ("red", "blue", "green", "black") for s in ("big", "small")]
+    model = build_tiny_lm(tmp_path / "model", texts, context=128)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, text in enumerate(texts):
+        (data / f"{i}.txt").write_text(text, encoding="utf-8")
+    base = {"model_type": "causal_lm", "base_model": str(model), "train_data_dir": str(data), "device": "cpu",
+            "max_steps": 4, "batch_size": 4, "packing": True, "max_seq_length": 16, "learning_rate": 1e-2,
+            "validation_split": 0.0, "save_every_n_epochs": 0, "save_dtype": "fp32", "output_name": "cats"}
+    adapters = {}
+    for mode in ("off", "on"):
+        out = tmp_path / f"out-{mode}"
+        _launch({**base, "cuda_graphs": mode, "output_dir": str(out)}, tmp_path / f"run-{mode}", pattern="cats")
+        adapters[mode] = load_file(str(out / "cats" / "adapter_model.safetensors"))
+    for key in adapters["off"]:  # DDP's all-reduce vs ours over one flat buffer
+        torch.testing.assert_close(adapters["on"][key], adapters["off"][key], rtol=1e-3, atol=1e-5)
+    assert any(v.abs().max() > 0 for k, v in adapters["on"].items() if "lora_B" in k)
