@@ -171,9 +171,10 @@ def test_data_formats_skips_packing_and_splits(tmp_path):
     assert len(data.train) == 4 + 4  # the long document in 4 pieces, plus the other four
 
     packed = build_dataset(tmp_path, tokenizer, max_seq_length=16, validation_split=0.0, seed=0, packing=True)
-    lengths = [len(e.input_ids) for e in packed.train]
-    assert all(n == 16 for n in lengths[:-1]) and 0 < lengths[-1] <= 16
-    assert sum(lengths) == sum(len(e.input_ids) for e in data.train)
+    assert all(len(e.input_ids) == 16 for e in packed.train)  # one shape: the last row is padded at its end
+    learned = sum(t != IGNORE for e in packed.train for t in e.labels)
+    assert learned == sum(t != IGNORE for e in data.train for t in e.labels)
+    assert packed.train[-1].input_ids[-1] == 0 and packed.train[-1].labels[-1] == IGNORE
     assert pack([], 16) == []
 
     split = build_dataset(tmp_path, tokenizer, max_seq_length=16, validation_split=0.4, seed=0, packing=False)

@@ -177,7 +177,7 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> Example:
 
 
 def build_dataset(root: str | Path, tokenizer, *, max_seq_length: int, validation_split: float, seed: int,
-                  packing: bool) -> TextDataset:
+                  packing: bool, pad_id: int = 0) -> TextDataset:
     """Read, tokenize and split the data; raises DatasetError with the reasons when nothing is usable."""
     records, skipped = read_records(root)
     for source, reason in skipped:
@@ -223,16 +223,19 @@ def build_dataset(root: str | Path, tokenizer, *, max_seq_length: int, validatio
             dataset.held_out.append(Example(example.input_ids[k:k + max_seq_length],
                                             example.labels[k:k + max_seq_length], example.source))
     if packing:
-        dataset.train = pack(dataset.train, max_seq_length)
+        dataset.train = pack(dataset.train, max_seq_length, pad_id)
     if not dataset.train:
         raise DatasetError(f"No training examples left in {root} after holding out {held}; lower validation_split.")
     return dataset
 
 
-def pack(examples: list[Example], length: int) -> list[Example]:
+def pack(examples: list[Example], length: int, pad_id: int = 0) -> list[Example]:
     """Concatenate the examples (each ends with EOS) and cut rows of exactly `length` tokens; the remainder is
-    one shorter row. Rows attend across example boundaries, as classic packing does; no padding is trained."""
+    padded to `length` at its end (causal attention never looks ahead, so the pads change nothing and carry no
+    loss): one shape for every row. Rows attend across example boundaries, as classic packing does."""
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
+    pad = -len(ids) % length
+    ids, labels = ids + [pad_id] * pad, labels + [IGNORE] * pad
     return [Example(ids[k:k + length], labels[k:k + length], f"packed row {k // length}")
             for k in range(0, len(ids), length) if any(t != IGNORE for t in labels[k:k + length])]
