@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m lora_trainer` and the `lora-trainer` command."""
+    if "torch" not in sys.modules and sys.platform == "linux":  # read when CUDA starts (too late inside a host); Linux only
+        # grows memory segments instead of caching fixed blocks; measured on the H200 (bench train/lm): peak
+        # 7.52 -> 7.18 GiB for the captured SD1.5 step at batch 4, 9.86 -> 9.61 GiB for a 1.1B LM; speed the same
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
