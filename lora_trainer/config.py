@@ -71,9 +71,9 @@ class TrainConfig:
     # training
     epochs: int = _field(None, "Passes over the dataset.", group="training", min=1, max=100000, preset=True)
     max_steps: int = _field(0, "Stop after this many optimizer steps (0 = run all epochs).", group="training", min=0, max=10_000_000)
-    batch_size: int = _field(None, "Images per step. 1-4 on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True)
+    batch_size: int = _field(None, "Images (language models: sequences) per step. 1-4 images on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True)
     gradient_accumulation_steps: int = _field(1, "Add up gradients over this many batches before each optimizer step.", group="training", min=1, max=1024)
-    learning_rate: float = _field(None, "UNet LoRA learning rate (1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
+    learning_rate: float = _field(None, "LoRA learning rate (of the UNet's LoRA for images; 1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
     optimizer: str = _field(None, "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.", group="training", choices=("adamw", "adamw8bit", "prodigy", "lion"), preset=True)
     weight_decay: float = _field(0.01, "Weight decay.", group="training", min=0.0, max=1.0)
     lr_scheduler: str = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True)
@@ -83,7 +83,7 @@ class TrainConfig:
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
     mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
-    cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw, bf16/fp32, no accumulation, LoRA dropout, checkpointing or text-encoder training).", group="training", choices=("auto", "on", "off"))
+    cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw; no accumulation, LoRA dropout, checkpointing or text-encoder training; language models: packing, no 4-bit).", group="training", choices=("auto", "on", "off"))
     device: str = _field("auto", "Where to train: auto, cpu, cuda, cuda:N or mps.", group="training")
     seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1)
 
