@@ -512,7 +512,7 @@ def _plain_lm_loop(folder: Path, batch: int, seq: int, steps: int, device: torch
 
 
 def _time_lm_trainer(folder: Path, data: Path, out: Path, batch: int, seq: int, steps: int, device: torch.device,
-                     cuda_graphs: str, checkpointing: bool = False) -> dict:
+                     cuda_graphs: str, checkpointing: bool = False, tag: str = "") -> dict:
     """Our trainer (model_type: causal_lm, packed rows of `seq` tokens): steps/s after 5 warm steps, time to the
     first step, peak memory from the model's move to the GPU on."""
     from lora_trainer.config import make_config
@@ -531,18 +531,19 @@ def _time_lm_trainer(folder: Path, data: Path, out: Path, batch: int, seq: int, 
             synced.append((event.step, time.perf_counter()))
 
     config = make_config({"model_type": "causal_lm", "base_model": str(folder), "train_data_dir": str(data),
-                          "output_dir": str(out / f"lm-{cuda_graphs}-{checkpointing}"), "batch_size": batch,
+                          "output_dir": str(out / f"lm-{cuda_graphs}-{checkpointing}{tag}"), "batch_size": batch,
                           "max_seq_length": seq, "packing": True, "max_steps": steps + 5, "validation_split": 0.0,
                           "log_every_n_steps": 5, "save_every_n_epochs": 0, "lora_rank": 8, "lora_alpha": 16,
                           "device": "cpu" if device.type == "cpu" else "auto", "cuda_graphs": cuda_graphs,
                           "mixed_precision": "bf16" if device.type == "cuda" else "no",
-                          "gradient_checkpointing": checkpointing})
+                          "gradient_checkpointing": checkpointing, "save_dtype": "fp32"})
     start = time.perf_counter()
-    train_lora(config, listeners=[on_event])
+    trained = train_lora(config, listeners=[on_event])
     _sync(device)
     (step0, time0), (step1, time1) = synced[0], synced[-1]
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
-              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
+              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+              "adapter": trained.lora_file / "adapter_model.safetensors"}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -590,6 +591,9 @@ def bench_lm(size: str = "real", batch: int = 4, seq: int = 1024, steps: int = 2
                 ours[mode] = {"steps_per_s": float("nan"), "peak_gib": None, "first_step_s": float("nan")}
         if checkpointing:
             ours["checkpointing"] = _time_lm_trainer(folder, data, tmp, batch, seq, steps, torch_device, "off", True)
+        again = _time_lm_trainer(folder, data, tmp, batch, seq, steps, torch_device, "off", tag="-again")
+        drift = _lora_difference(ours["off"]["adapter"], ours["auto"]["adapter"]) if "adapter" in ours["auto"] else None
+        noise_floor = _lora_difference(ours["off"]["adapter"], again["adapter"])
         parameters = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // (2 if torch_device.type == "cuda" else 4)
     rows = []
     for name, result in (("plain transformers + peft", plain), ("lora_trainer, eager step", ours["off"]),
@@ -601,7 +605,8 @@ def bench_lm(size: str = "real", batch: int = 4, seq: int = 1024, steps: int = 2
                      "first_step_s": round(result.get("first_step_s", 0.0), 1)})
     report = {"model": f"LLaMA-shaped, {parameters / 1e6:,.0f}M parameters (random weights)", "size": size,
               "batch": batch, "seq": seq, "device": str(torch_device), "rows": rows,
-              "speedup_vs_plain": round(ours["auto"]["steps_per_s"] / plain["steps_per_s"], 2)}
+              "speedup_vs_plain": round(ours["auto"]["steps_per_s"] / plain["steps_per_s"], 2),
+              "captured_vs_eager_adapter_difference": drift, "eager_vs_eager_adapter_difference": noise_floor}
     print(f"{report['model']}, batch {batch} x {seq} tokens, {'bf16' if torch_device.type == 'cuda' else 'fp32'}, "
           "LoRA r8 on q_proj,v_proj")
     print("| trainer | steps/s | tokens/s | peak GiB | first step s |")
@@ -609,6 +614,8 @@ def bench_lm(size: str = "real", batch: int = 4, seq: int = 1024, steps: int = 2
     for row in rows:
         print(f"| {row['trainer']} | {row['steps_per_s']} | {row['tokens_per_s']} | {row['peak_gib']} | "
               f"{row['first_step_s']} |")
+    print(f"Adapter after {steps + 5} steps, captured vs eager step (same seed): largest difference "
+          f"{drift if drift is None else f'{drift:.2e}'} of the largest weight; two eager runs: {noise_floor:.2e}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
