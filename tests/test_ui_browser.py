@@ -130,8 +130,12 @@ def test_fill_caption_train_and_see_the_result(app):
         page.locator("#lora_trainer_advanced").get_by_text("Advanced").first.click()
         log_every = _box(page, "lora_trainer_log_every_n_steps")
         expect(log_every).to_be_visible()
-        log_every.fill("1")
-        log_every.press("Tab")
+        for _ in range(10):  # Gradio 6 may still be rendering the opened accordion and put the default back
+            log_every.fill("1")
+            log_every.press("Tab")
+            if log_every.input_value() == "1":
+                break
+            page.wait_for_timeout(500)
         expect(log_every).to_have_value("1")
 
         # 4. train, watch the loss plot appear
