@@ -25,7 +25,7 @@ from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import CheckpointError, ConfigError, TrainingError
 from lora_trainer.text.data import IGNORE, Example, build_dataset
 from lora_trainer.train.events import CancelToken, EventBus, Listener
-from lora_trainer.train.graphs import CapturedStep, graphs_wanted
+from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -253,16 +253,10 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
 
     stepper = None
     if use_stepper:
-        reduce = None
-        if accelerator.num_processes > 1:
-            world = accelerator.num_processes
-
-            def reduce(flat: torch.Tensor) -> None:
-                torch.distributed.all_reduce(flat)
-                flat.div_(world)
         runner = model
         stepper = CapturedStep(step_loss, groups, config.weight_decay, config.max_grad_norm, capture=capture,
-                               reduce=reduce, loss_scale=accelerator.mixed_precision == "fp16")
+                               reduce=average_across_processes(accelerator.num_processes),
+                               loss_scale=accelerator.mixed_precision == "fp16")
         optimizer = stepper.optimizer
         shadow = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": config.learning_rate}])
         scheduler = make_scheduler(config.lr_scheduler, shadow, config.lr_warmup_steps, total_steps)

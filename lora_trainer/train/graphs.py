@@ -181,6 +181,19 @@ class CapturedStep:
                 tensor.copy_(value)
 
 
+def average_across_processes(world: int) -> Callable[[torch.Tensor], None] | None:
+    """What CapturedStep runs on its flat gradient when `world` processes train together (None for one): one
+    all-reduce and a division, both capturable (DDP's bucketed hooks are not)."""
+    if world <= 1:
+        return None
+
+    def reduce(flat: torch.Tensor) -> None:
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+
+    return reduce
+
+
 def graphs_wanted(config, device: torch.device, *, num_processes: int, text_encoder_trained: bool,
                   mixed_precision: str, total_steps: int, buckets: int) -> tuple[bool, bool, str]:
     """(train through CapturedStep, capture it, why) for the log.

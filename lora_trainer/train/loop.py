@@ -26,7 +26,7 @@ from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.lora.inject import add_lora, fill_lora, read_init_lora
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
-from lora_trainer.train.graphs import CapturedStep, graphs_wanted
+from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -217,20 +217,12 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     log.info("Training step: %s.", why)
     stepper = None
     if use_stepper:
-        reduce = None
-        if accelerator.num_processes > 1:
-            # no DDP wrapper (its bucketed hooks cannot be captured): one all-reduce of the flat gradient instead
-            models = trained
-            world = accelerator.num_processes
-
-            def reduce(flat: torch.Tensor) -> None:
-                torch.distributed.all_reduce(flat)
-                flat.div_(world)
-        else:
-            models = [accelerator.prepare(model) for model in trained]
+        # several processes: no DDP wrapper, one all-reduce of the flat gradient inside the step instead
+        models = trained if accelerator.num_processes > 1 else [accelerator.prepare(model) for model in trained]
         backbone.runner = models[0]
         stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs), groups,
-                               config.weight_decay, config.max_grad_norm, capture=capture, reduce=reduce,
+                               config.weight_decay, config.max_grad_norm, capture=capture,
+                               reduce=average_across_processes(accelerator.num_processes),
                                loss_scale=accelerator.mixed_precision == "fp16")
         optimizer = stepper.optimizer
         # the schedule runs on a stand-in optimizer with float rates; each step copies them into the GPU tensors
