@@ -316,6 +316,7 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
               # reserved, not allocated: a CUDA graph's activations live in its own pool, outside "allocated"
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "lora_file": trained.lora_file}
     gc.collect()  # the run's modules sit in reference cycles (peft, accelerate): free them before the next run
     if device.type == "cuda":
@@ -392,6 +393,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
             torch.cuda.reset_peak_memory_stats()
         reference = _reference_loop(reference_model, targets, batch, resolution, steps, torch_device)
         reference["peak_gib"] = torch.cuda.max_memory_reserved() / 2**30 if torch_device.type == "cuda" else None
+        reference["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch_device.type == "cuda" else None
         del reference_model
         gc.collect()
         if torch_device.type == "cuda":
@@ -430,6 +432,8 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         images = result["steps_per_s"] * per_step
         rows.append({"trainer": name, "steps_per_s": round(result["steps_per_s"], 2), "images_per_s": round(images, 2),
                      "peak_gib": None if result["peak_gib"] is None else round(result["peak_gib"], 2),
+                     "peak_allocated_gib": None if result.get("peak_allocated_gib") is None
+                     else round(result["peak_allocated_gib"], 2),
                      "first_step_s": round(result.get("first_step_s", 0.0), 1),
                      "percent_of_ideal": round(100 * result["steps_per_s"] * flops / (peak_tflops * 1e12), 2)})
     report = {"family": family, "size": size, "batch": batch, "resolution": resolution, "device": str(torch_device),
@@ -443,11 +447,11 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
             multi["auto"]["steps_per_s"] * processes / ours["auto"]["steps_per_s"], 2)
         report["multi_process_captured_vs_eager_lora_difference"] = multi_drift
     print(f"{family} {size}, batch {batch}, {resolution} px, {len(targets)} LoRA modules, {report['tflop_per_step']} TFLOP/step")
-    print("| trainer | steps/s | images/s | peak GiB | first step s | % of ideal |")
+    print("| trainer | steps/s | images/s | peak GiB (allocated) | first step s | % of ideal |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} | "
-              f"{row['first_step_s']} | {row['percent_of_ideal']} |")
+        print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} "
+              f"({row['peak_allocated_gib']}) | {row['first_step_s']} | {row['percent_of_ideal']} |")
     print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
           f"{drift:.2e} of the largest weight; two eager runs: {noise_floor:.2e}")
     if processes > 1:
