@@ -185,8 +185,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                     cancel: CancelToken | None = None, resume: str | Path | None = None):
     """Train a peft LoRA on a causal language model as `config` says; see TrainResult (lora_file is the adapter
     folder, metrics holds the held-out perplexity before and after)."""
-    from lora_trainer.train.loop import TrainResult, _accelerator, _rng, _tensorboard
-    from lora_trainer.train.state import find_checkpoint
+    from lora_trainer.train.loop import LossLog, TrainResult, _accelerator, _rng, _tensorboard
+    from lora_trainer.train.state import read_state
 
     bus = EventBus(listeners)
     cancel = cancel or CancelToken()
@@ -271,11 +271,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
 
     micro, step = 0, 0
     if resume:
-        folder = find_checkpoint(resume)
-        try:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"Cannot read {folder / 'state.pt'}: {exc}") from None
+        folder, state = read_state(resume)
         if sorted(state["lora"]) != sorted(names):
             raise CheckpointError(f"{folder} was saved with other LoRA layers (target_modules, lora_rank or "
                                   "init_lora differ); resume with the same config.")
@@ -319,9 +315,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
     if step == 0:
         evaluate("before")
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    tick = time.time()
+    losses = LossLog(device, config, bus, writer, result)
     try:
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
@@ -333,8 +327,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
             inputs = collate([dataset.train[i] for i in indices], pad_id, device)
             if stepper is not None:
-                loss_sum += stepper(inputs)
-                loss_count += 1
+                losses.add(stepper(inputs))
                 micro += 1
                 shadow.step()
                 scheduler.step()
@@ -342,8 +335,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
             else:
                 loss = step_loss(inputs)
                 accelerator.backward(loss / accumulation)
-                loss_sum += loss.detach()
-                loss_count += 1
+                losses.add(loss)
                 micro += 1
                 if (micro % accumulation) and micro != len(plan):
                     continue
@@ -355,20 +347,9 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
             step += 1
             result.steps = step
             bus.emit("progress", step, total_steps, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                     seconds=time.time() - tick, loss=result.losses[-1][1] if result.losses else None)
-            if step % config.log_every_n_steps == 0 or micro == len(plan):
-                mean_loss = (loss_sum / loss_count).item()  # the only host sync, every N steps
-                loss_sum.zero_()
-                loss_count = 0
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(f"The loss became {mean_loss} at step {step}. Lower learning_rate, or use "
-                                        "mixed_precision: bf16 / no; the last good save is kept.")
-                result.losses.append((step, mean_loss))
-                bus.emit("loss", step, total_steps, loss=mean_loss, lr=scheduler.get_last_lr()[0])
-                if writer:
-                    writer.add_scalar("loss", mean_loss, step)
-                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                tick = time.time()
+                     seconds=time.time() - losses.tick, loss=result.losses[-1][1] if result.losses else None)
+            if losses.due(step, last=micro == len(plan)):
+                losses.read(step, total_steps, scheduler.get_last_lr()[0])
             epoch_done = micro == len(plan) or plan[micro][0] != epoch
             if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
                                       (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):

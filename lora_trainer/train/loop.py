@@ -46,6 +46,39 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)  # language models: held-out perplexity before/after
 
 
+class LossLog:
+    """Step losses summed on the device and read back every `log_every_n_steps` (the loop's only host sync):
+    the mean goes into the result, a 'loss' event and TensorBoard; a NaN or inf stops the run."""
+
+    def __init__(self, device: torch.device, config: TrainConfig, bus: EventBus, writer, result: TrainResult) -> None:
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.tick = time.time()  # the start of the steps since the last read-back
+        self.config, self.bus, self.writer, self.result = config, bus, writer, result
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.config.log_every_n_steps == 0 or last
+
+    def read(self, step: int, total_steps: int, lr: float) -> None:
+        mean_loss = (self.total / self.count).item()
+        self.total.zero_()
+        self.count = 0
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"The loss became {mean_loss} at step {step}. Lower learning_rate, or use "
+                                "mixed_precision: bf16 / no; the last good save is kept.")
+        self.result.losses.append((step, mean_loss))
+        self.bus.emit("loss", step, total_steps, loss=mean_loss, lr=lr)
+        if self.writer:
+            self.writer.add_scalar("loss", mean_loss, step)
+            self.writer.add_scalar("lr", lr, step)
+            self.writer.add_scalar("it_per_s", self.config.log_every_n_steps / max(time.time() - self.tick, 1e-9), step)
+        self.tick = time.time()
+
+
 def _rng(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator for one named stream of draws (epoch order, one step's noise, ...)."""
     value = seed
@@ -266,10 +299,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     # 6. the loop
     for model in models:
         model.train()
-    loss_sum = torch.zeros((), device=device)
+    losses = LossLog(device, config, bus, writer, result)
     device_gen = torch.Generator(device=device)
-    loss_count = 0
-    tick = time.time()
     try:
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
@@ -312,8 +343,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 inputs["weight"] = torch.clamp(snr, max=config.min_snr_gamma) / \
                     (snr + 1 if backbone.prediction_type == "v_prediction" else snr)
             if stepper is not None:  # forward, backward, clip and update in one graph replay
-                loss_sum += stepper(inputs)
-                loss_count += 1
+                losses.add(stepper(inputs))
                 micro += 1
                 shadow.step()  # a no-op (no gradients); keeps the schedule's step order check quiet
                 scheduler.step()
@@ -321,8 +351,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             else:
                 loss = _step_loss(backbone, accelerator, inputs)
                 accelerator.backward(loss / accumulation)
-                loss_sum += loss.detach()
-                loss_count += 1
+                losses.add(loss)
                 micro += 1
                 if not is_sync:
                     continue
@@ -337,24 +366,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             result.steps = step
-            elapsed = time.time() - tick
             bus.emit("progress", step, total_steps, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                     seconds=elapsed, loss=result.losses[-1][1] if result.losses else None)
-
-            if step % config.log_every_n_steps == 0 or micro == len(plan):
-                mean_loss = (loss_sum / loss_count).item()  # the only host sync, every N steps
-                loss_sum.zero_()
-                loss_count = 0
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(f"The loss became {mean_loss} at step {step}. Lower learning_rate, or use "
-                                        "mixed_precision: bf16 / no; the last good save is kept.")
-                result.losses.append((step, mean_loss))
-                bus.emit("loss", step, total_steps, loss=mean_loss, lr=scheduler.get_last_lr()[0])
-                if writer:
-                    writer.add_scalar("loss", mean_loss, step)
-                    writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("it_per_s", config.log_every_n_steps / max(time.time() - tick, 1e-9), step)
-                tick = time.time()
+                     seconds=time.time() - losses.tick, loss=result.losses[-1][1] if result.losses else None)
+            if losses.due(step, last=micro == len(plan)):
+                losses.read(step, total_steps, scheduler.get_last_lr()[0])
 
             epoch_done = micro == len(plan) or plan[micro][0] != epoch
             if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or

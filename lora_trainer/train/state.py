@@ -162,13 +162,18 @@ def find_checkpoint(path: str | Path) -> Path:
     return candidates[-1].parent
 
 
-def load(path: str | Path, trained: list[torch.nn.Module], optimizer, scheduler) -> dict:
-    """Restore LoRA weights, optimizer and schedule from a checkpoint; returns its position."""
+def read_state(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint folder `path` names and its state.pt (tensors only: nothing in it can run code)."""
     folder = find_checkpoint(path)
     try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        return folder, torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"Cannot read {folder / 'state.pt'}: {exc}") from None
+
+
+def load(path: str | Path, trained: list[torch.nn.Module], optimizer, scheduler) -> dict:
+    """Restore LoRA weights, optimizer and schedule from a checkpoint; returns its position."""
+    folder, state = read_state(path)
     if len(state["loras"]) != len(trained):
         raise CheckpointError(f"{folder} was saved with train_text_encoder set differently; use the same config.")
     for model, weights in zip(trained, state["loras"]):
