@@ -322,9 +322,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                 raise KeyboardInterrupt
             epoch, indices = plan[micro]
             indices = indices[accelerator.process_index::accelerator.num_processes] or indices
-            gen = _rng(config.seed, 2, micro)
             if config.lora_dropout:  # its masks come from the global generators (seeding them all costs ~0.6 ms)
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=_rng(config.seed, 2, micro))))
             inputs = collate([dataset.train[i] for i in indices], pad_id, device)
             if stepper is not None:
                 losses.add(stepper(inputs))
@@ -354,6 +353,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
             if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
                                       (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):
                 save("periodic")
+        accelerator.wait_for_everyone()
+        evaluate("after")
     except KeyboardInterrupt:
         if step > 0:
             result.lora_file = save("interrupted")
@@ -369,11 +370,9 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
         raise
     finally:
         if writer:
-            writer.flush()
+            writer.close()
 
     # 4. the finished adapter (and merged model)
-    accelerator.wait_for_everyone()
-    evaluate("after")
     if accelerator.is_main_process:
         result.lora_file = _publish(out_dir / config.output_name, lambda tmp: _write_adapter(tmp, model, tokenizer, config))
         bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
@@ -382,8 +381,6 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                               lambda tmp: _write_merged(tmp, config, result.lora_file, tokenizer, frozen))
             result.metrics["merged_model"] = str(merged)
             bus.emit("saved", step, total_steps, path=str(merged), what="merged")
-    if writer:
-        writer.close()
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file), **result.metrics)
     return result
 
