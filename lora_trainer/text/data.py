@@ -48,8 +48,8 @@ class TextDataset:
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.formats.items()))
         tokens = sum(len(e.input_ids) for e in self.train)
-        return (f"{len(self.train)} training examples ({tokens} tokens; {kinds}), {len(self.held_out)} held out, "
-                f"{len(self.skipped)} skipped")
+        return (f"{sum(self.formats.values())} examples read ({kinds}), {len(self.skipped)} skipped; training on "
+                f"{len(self.train)} sequences ({tokens} tokens), {len(self.held_out)} held out")
 
 
 def read_records(root: str | Path) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
