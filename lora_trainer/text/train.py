@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -185,7 +184,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                     cancel: CancelToken | None = None, resume: str | Path | None = None):
     """Train a peft LoRA on a causal language model as `config` says; see TrainResult (lora_file is the adapter
     folder, metrics holds the held-out perplexity before and after)."""
-    from lora_trainer.train.loop import LossLog, TrainResult, _accelerator, _rng, _tensorboard
+    from lora_trainer.train.loop import LossLog, TrainResult, _accelerator, _rng, _tensorboard, periodic_save_due
     from lora_trainer.train.state import read_state
 
     bus = EventBus(listeners)
@@ -345,13 +344,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             result.steps = step
-            bus.emit("progress", step, total_steps, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                     seconds=time.time() - losses.tick, loss=result.losses[-1][1] if result.losses else None)
-            if losses.due(step, last=micro == len(plan)):
-                losses.read(step, total_steps, scheduler.get_last_lr()[0])
-            epoch_done = micro == len(plan) or plan[micro][0] != epoch
-            if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
-                                      (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):
+            losses.step_done(step, total_steps, epoch, scheduler.get_last_lr()[0], last=micro == len(plan))
+            if periodic_save_due(config, plan, micro, step, epoch):
                 save("periodic")
         accelerator.wait_for_everyone()
         evaluate("after")

@@ -60,8 +60,12 @@ class LossLog:
         self.total += loss.detach()
         self.count += 1
 
-    def due(self, step: int, last: bool) -> bool:
-        return step % self.config.log_every_n_steps == 0 or last
+    def step_done(self, step: int, total_steps: int, epoch: int, lr: float, last: bool) -> None:
+        """A 'progress' event for the optimizer step just taken; the read-back when it is due."""
+        self.bus.emit("progress", step, total_steps, epoch=epoch, lr=lr, seconds=time.time() - self.tick,
+                      loss=self.result.losses[-1][1] if self.result.losses else None)
+        if step % self.config.log_every_n_steps == 0 or last:
+            self.read(step, total_steps, lr)
 
     def read(self, step: int, total_steps: int, lr: float) -> None:
         mean_loss = (self.total / self.count).item()
@@ -77,6 +81,16 @@ class LossLog:
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("it_per_s", self.config.log_every_n_steps / max(time.time() - self.tick, 1e-9), step)
         self.tick = time.time()
+
+
+def periodic_save_due(config: TrainConfig, plan: list, micro: int, step: int, epoch: int) -> bool:
+    """Whether a resumable checkpoint is due after this step (save_every_n_steps/epochs; never at the very end,
+    where the finished result is written instead)."""
+    if micro >= len(plan):
+        return False
+    epoch_done = plan[micro][0] != epoch
+    return bool((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
+                (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0))
 
 
 def _rng(seed: int, *stream: int) -> torch.Generator:
@@ -366,14 +380,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             result.steps = step
-            bus.emit("progress", step, total_steps, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                     seconds=time.time() - losses.tick, loss=result.losses[-1][1] if result.losses else None)
-            if losses.due(step, last=micro == len(plan)):
-                losses.read(step, total_steps, scheduler.get_last_lr()[0])
-
-            epoch_done = micro == len(plan) or plan[micro][0] != epoch
-            if micro < len(plan) and ((config.save_every_n_steps and step % config.save_every_n_steps == 0) or
-                                      (epoch_done and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)):
+            losses.step_done(step, total_steps, epoch, scheduler.get_last_lr()[0], last=micro == len(plan))
+            if periodic_save_due(config, plan, micro, step, epoch):
                 save("periodic")
             if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and backbone.can_render:
