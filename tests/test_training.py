@@ -416,3 +416,52 @@ def test_the_graph_ready_step_scales_the_fp16_loss_on_the_device():
     torch.testing.assert_close(poisoned[1][0], poisoned[0][0], rtol=0, atol=0)  # the overflowing step: no update
     assert [scale for _, scale in poisoned] == [2.0**16, 2.0**15, 2.0**15, 2.0**15]
     torch.testing.assert_close(poisoned[2][0], plain[1][0], rtol=1e-5, atol=1e-7)  # then it goes on as if skipped
+
+
+@pytest.mark.skipif(tuple(int(x) for x in __import__("peft").__version__.split(".")[:2]) < (0, 15),
+                    reason="peft before 0.15 always casts a LoRA layer's input to the LoRA's dtype")
+def test_lora_layers_under_autocast_keep_no_fp32_copy_of_their_input(sd1_checkpoint):
+    """keep_lora_input_dtype: the same prediction and gradients under bf16 autocast with less kept for backward.
+    peft's fp32 copy of a LoRA layer's input, cast back for the matmul, was what the matmul saved: q, k and v each
+    kept their own copy of one input, where the original is now kept once."""
+    from lora_trainer.lora.inject import add_lora, keep_lora_input_dtype
+
+    backbone = DiffusionBackbone.from_file(sd1_checkpoint)
+    with torch.no_grad():
+        cond = backbone.encode_prompts(["a photo", "a drawing"])
+    unet = backbone.unet.to(torch.bfloat16)
+    params = add_lora(unet, backbone.unet_lora_targets("attention_ff"), 4, 4, 0.0)
+    torch.manual_seed(0)
+    for p in params:
+        p.data = torch.randn_like(p, dtype=torch.float32) * 0.1  # lora_up starts at zero: give every part a gradient
+    noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    shared_input_bytes = []  # attn1's k and v see the very tensor q sees
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1.to_k", "attn1.to_v")):
+            module.register_forward_pre_hook(lambda _, args: shared_input_bytes.append(args[0].numel() * 2))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        kept: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if not isinstance(tensor, torch.nn.Parameter):
+                kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        for p in params:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = backbone.predict(noisy, timesteps, cond)
+        pred.float().square().mean().backward()
+        return pred.detach(), [p.grad.clone() for p in params], sum(kept.values())
+
+    pred, grads, kept_bytes = run()
+    assert keep_lora_input_dtype(unet) == len(params) // 2
+    pred_kept, grads_kept, kept_bytes_kept = run()
+    assert torch.equal(pred_kept, pred)
+    for grad, grad_kept in zip(grads, grads_kept):
+        torch.testing.assert_close(grad_kept, grad, rtol=1e-2, atol=1e-5)  # bf16 sums in another order
+    duplicates = sum(shared_input_bytes[:len(shared_input_bytes) // 2])  # bf16 copies of the first run
+    assert duplicates > 0
+    assert kept_bytes - kept_bytes_kept >= duplicates, (kept_bytes, kept_bytes_kept, duplicates)

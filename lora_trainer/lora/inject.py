@@ -29,6 +29,26 @@ def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float
     return params
 
 
+def keep_lora_input_dtype(*models: torch.nn.Module) -> int:
+    """Let peft's LoRA layers take their input in the dtype it comes in (bf16/fp16) instead of copying it to the
+    LoRA's fp32; returns how many layers were switched. Only for forwards that run under autocast.
+
+    Under autocast the copy is cast straight back for the LoRA's matmul, so the result is the same, but that second
+    copy is what the matmul saves for backward: one extra copy of every LoRA layer's input (q, k and v each keep
+    their own), two more kernels per layer. Measured at SD1.5 batch 4 on an H200: see README, "Performance".
+    peft before 0.15 casts unconditionally and is left as it is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    switched = 0
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.cast_input_dtype_enabled = False
+                switched += 1
+    return switched
+
+
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's LoRA weights in peft naming (no adapter name)."""
     return get_peft_model_state_dict(model, adapter_name=ADAPTER)

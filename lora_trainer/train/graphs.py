@@ -61,6 +61,8 @@ class CapturedStep:
         self.warmup = warmup
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, StepInputs, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # one side stream for every warm-up and capture: cuBLAS keeps a 32 MiB workspace per stream it has seen
+        self.stream = torch.cuda.Stream() if capture else None
         # gradients live at fixed addresses, the graph writes into them: views of one flat buffer, so that
         # several processes average them with one all-reduce
         self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), device=device, dtype=self.params[0].dtype)
@@ -128,7 +130,7 @@ class CapturedStep:
         if not self.warmup and not self.capture:
             return None, static, torch.zeros(())
         saved = self._snapshot()
-        stream = torch.cuda.Stream() if self.capture else None
+        stream = self.stream
         if stream is not None:
             # the allocator keeps cached blocks per stream: what the main stream has cached (e.g. from moving the
             # model) cannot serve the warm-up on its side stream, so hand it back first
@@ -147,13 +149,17 @@ class CapturedStep:
         graph, loss = None, torch.zeros(())
         if self.capture:
             # the warm-up's activations sit in the allocator's cache, outside the pool the graph will use: hand
-            # them back first, or capture holds a second set (measured: 9.4 GiB instead of 7.0 at SD1.5 batch 4)
+            # them back first, or capture holds a second set (measured: 9.4 GiB instead of 7.0 at SD1.5 batch 4).
+            # The cuBLAS workspaces too (one per stream, outside the pool): cleared before and after capture, the
+            # graph's own workspace is allocated inside its pool, as torch's cudagraph trees do it
             torch.cuda.synchronize()
+            _clear_cublas_workspaces()
             torch.cuda.empty_cache()
             before = torch.cuda.memory_reserved()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 loss = self._step(static)
+            _clear_cublas_workspaces()
             log.info("Captured the training step for inputs %s (%.2f GiB more reserved)",
                      {k: tuple(v.shape) for k, v in inputs.items()}, (torch.cuda.memory_reserved() - before) / 2**30)
         self._restore(saved)
@@ -186,6 +192,14 @@ class CapturedStep:
                 p.grad.zero_()
             for tensor, value in zip((self.scale, self.growth_tracker), saved["scale"]):
                 tensor.copy_(value)
+
+
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's per-stream workspaces (32 MiB each on Hopper); the next matmul on a stream makes a new one.
+    A private torch API, used the same way by torch's own cudagraph trees (torch._inductor.cudagraph_trees)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 def average_across_processes(world: int) -> Callable[[torch.Tensor], None] | None:

@@ -23,7 +23,7 @@ from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.data import process_caption, scan_dataset, tag_frequency
 from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
 from lora_trainer.errors import ConfigError, TrainingError
-from lora_trainer.lora.inject import add_lora, fill_lora, read_init_lora
+from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, read_init_lora
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
 from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
@@ -233,6 +233,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
+    if weight_dtype != torch.float32:  # every forward of the LoRA'd models runs under autocast
+        keep_lora_input_dtype(backbone.unet, *backbone.text_encoders)
     if config.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
         for encoder in backbone.text_encoders if te_train else ():
