@@ -313,7 +313,7 @@ def _host_backbone(checkpoint: Path, device: torch.device):
 
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
                   device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False,
-                  tag: str = "", precision: str = "bf16") -> dict:
+                  tag: str = "", precision: str = "bf16", compile_unet: bool = False) -> dict:
     """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
@@ -333,7 +333,8 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
 
     config = make_config({"base_model": str(checkpoint), "train_data_dir": str(data), "resolution": resolution,
                           "batch_size": batch, "max_steps": steps + 10, "lora_rank": 16, "lora_alpha": 16,
-                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}-{checkpointing}-{precision}{tag}"), "save_every_n_epochs": 0,
+                          "output_dir": str(tmp / f"out-{cuda_graphs}-{host}-{checkpointing}-{precision}-{compile_unet}{tag}"),
+                          "save_every_n_epochs": 0, "torch_compile": compile_unet,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": precision if device.type == "cuda" else "no", "enable_buckets": False,
                           "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing})
@@ -391,11 +392,12 @@ def _time_processes(processes: int, checkpoint: Path, data: Path, tmp: Path, res
 
 def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
                 peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False,
-                processes: int = 1, levers: bool = False) -> dict:
+                processes: int = 1, levers: bool = False, compile_unet: bool = False) -> dict:
     """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers.
 
     `processes` > 1 also times the trainer in that many processes (one GPU each; on a CPU, gloo) at `batch`
-    images per process; `levers` times each lever of the plain loop on its own, eagerly and captured.
+    images per process; `levers` times each lever of the plain loop on its own, eagerly and captured;
+    `compile_unet` adds a row with `torch_compile: true` (its first step includes the compile).
     """
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
@@ -441,7 +443,11 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         if checkpointing:
             ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
                                                   "auto", checkpointing=True)
+        if compile_unet:
+            ours["compiled"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
+                                             compile_unet=True)
         drift = _lora_difference(ours["off"]["lora_file"], ours["auto"]["lora_file"])
+        compiled_drift = _lora_difference(ours["off"]["lora_file"], ours["compiled"]["lora_file"]) if compile_unet else None
         if processes > 1:
             multi = _time_processes(processes, checkpoint, data, tmp, resolution, batch * processes, steps,
                                     torch_device, ("off", "auto"))
@@ -454,6 +460,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
                          ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
                          ("lora_trainer on a host's fp16 model (WebUI path, fp16)", ours["host_fp16"]),
                          *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ()),
+                         *((("lora_trainer, torch_compile: true", ours["compiled"]),) if compile_unet else ()),
                          *(((f"lora_trainer, {processes} processes, eager step (DDP)", multi["off"]),
                             (f"lora_trainer, {processes} processes (cuda_graphs: auto)", multi["auto"]))
                            if processes > 1 else ())):
@@ -469,6 +476,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
               "lora_modules": len(targets), "tflop_per_step": round(flops / 1e12, 3), "rows": rows,
               "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2),
               "captured_vs_eager_lora_difference": drift, "eager_vs_eager_lora_difference": noise_floor,
+              "compiled_vs_eager_lora_difference": compiled_drift,
               "levers": lever_rows}
     if processes > 1:
         report["processes"] = processes
@@ -482,7 +490,8 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         print(f"| {row['trainer']} | {row['steps_per_s']} | {row['images_per_s']} | {row['peak_gib']} "
               f"({row['peak_allocated_gib']}) | {row['first_step_s']} | {row['percent_of_ideal']} |")
     print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
-          f"{drift:.2e} of the largest weight; two eager runs: {noise_floor:.2e}")
+          f"{drift:.2e} of the largest weight; two eager runs: {noise_floor:.2e}" +
+          (f"; compiled vs eager: {report['compiled_vs_eager_lora_difference']:.2e}" if compile_unet else ""))
     if processes > 1:
         print(f"{processes} processes (cuda_graphs: auto) vs one: {report['multi_process_speedup_vs_one']}x the images/s; "
               f"LoRA captured vs eager step: {multi_drift:.2e}")

@@ -84,6 +84,7 @@ class TrainConfig:
     mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
     cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw; no accumulation, LoRA dropout, checkpointing or text-encoder training; language models: packing, no 4-bit).", group="training", choices=("auto", "on", "off"))
+    torch_compile: bool = _field(False, "Compile the UNet with torch.compile for the training step (CUDA GPU with Triton). Measured on an H200 at SD1.5 batch 4 with cuda_graphs: 1.4x the images/s and 20% less memory, but the first step of each bucket shape waits for the compile (~3 minutes, ~20 s once torch's compile cache has it): for long runs with few bucket shapes.", group="training")
     device: str = _field("auto", "Where to train: auto, cpu, cuda, cuda:N or mps.", group="training")
     seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1)
 

@@ -465,3 +465,12 @@ def test_lora_layers_under_autocast_keep_no_fp32_copy_of_their_input(sd1_checkpo
     duplicates = sum(shared_input_bytes[:len(shared_input_bytes) // 2])  # bf16 copies of the first run
     assert duplicates > 0
     assert kept_bytes - kept_bytes_kept >= duplicates, (kept_bytes, kept_bytes_kept, duplicates)
+
+
+def test_torch_compile_without_a_cuda_gpu_trains_uncompiled_and_says_so(sd1_checkpoint, dataset, tmp_path, caplog):
+    caplog.set_level("INFO", logger="lora_trainer")
+    plain = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "plain", max_steps=2))
+    asked = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "asked", max_steps=2, torch_compile=True))
+    assert "torch_compile: true needs a CUDA GPU and Triton" in caplog.text
+    first, second = read_lora_file(plain.lora_file)[0], read_lora_file(asked.lora_file)[0]
+    assert all(torch.equal(first[key], second[key]) for key in first)

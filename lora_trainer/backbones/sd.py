@@ -187,12 +187,14 @@ class DiffusionBackbone:
         return out.last_hidden_state
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's prediction (noise or v) for noisy latents at `timesteps` under `cond`."""
+                time_ids: torch.Tensor | None = None, runner: torch.nn.Module | None = None) -> torch.Tensor:
+        """The UNet's prediction (noise or v) for noisy latents at `timesteps` under `cond`; `runner` is the UNet
+        as the training step calls it (a compiled one), where it differs from `self.runner` / `self.unet`."""
         extra = None
         if self.family == "sdxl":
             extra = {"text_embeds": cond["pooled"], "time_ids": time_ids}
-        return (self.runner or self.unet)(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
+        unet = next(m for m in (runner, self.runner, self.unet) if m is not None)  # a compiled module has no bool()
+        return unet(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What `predict` should output: the noise, or v for v-prediction models."""

@@ -188,7 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
                     device=args.device, out=args.out, checkpointing=args.checkpointing, processes=args.processes,
-                    levers=args.levers)
+                    levers=args.levers, compile_unet=args.compile)
         return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: also time N processes, one GPU each, at --batch images per process.")
     bench.add_argument("--levers", action="store_true",
                        help="train: time each speed lever of the plain loop on its own, eager and captured.")
+    bench.add_argument("--compile", action="store_true",
+                       help="train: also time our trainer with torch_compile: true (minutes of compiling).")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
     bench.set_defaults(run=_bench)
 

@@ -195,6 +195,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
     accelerator = _accelerator(config, out_dir / "logs")
     device = accelerator.device
     frozen = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if config.torch_compile:
+        log.warning("torch_compile is for image models; the language model trains without it.")
 
     # 1. model, data, LoRA
     tokenizer, model = load_causal_lm(config, frozen)

@@ -269,7 +269,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         # several processes: no DDP wrapper, one all-reduce of the flat gradient inside the step instead
         models = trained if accelerator.num_processes > 1 else [accelerator.prepare(model) for model in trained]
         backbone.runner = models[0]
-        stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs), groups,
+        step_unet = _compiled(models[0], config, device)
+        stepper = CapturedStep(lambda inputs: _step_loss(backbone, accelerator, inputs, step_unet), groups,
                                config.weight_decay, config.max_grad_norm, capture=capture,
                                reduce=average_across_processes(accelerator.num_processes),
                                loss_scale=accelerator.mixed_precision == "fp16")
@@ -283,6 +284,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         prepared = accelerator.prepare(*trained, optimizer)
         models, optimizer = list(prepared[:-1]), prepared[-1]
         backbone.runner = models[0]
+        step_unet = _compiled(models[0], config, device)
 
     micro, step = 0, 0
     if resume:
@@ -365,7 +367,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 scheduler.step()
                 stepper.set_learning_rates(scheduler.get_last_lr())
             else:
-                loss = _step_loss(backbone, accelerator, inputs)
+                loss = _step_loss(backbone, accelerator, inputs, step_unet)
                 accelerator.backward(loss / accumulation)
                 losses.add(loss)
                 micro += 1
@@ -420,11 +422,31 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     return result
 
 
-def _step_loss(backbone: DiffusionBackbone, accelerator: Accelerator, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _compiled(unet: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """The UNet through torch.compile for the training step when `torch_compile` asks for it and it can run here
+    (None: the step calls the UNet as it is). Previews and text encoding keep the uncompiled UNet: their shapes
+    would each cost a compile."""
+    if not config.torch_compile:
+        return None
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # torch before 2.1
+        has_triton = lambda: False  # noqa: E731
+    if device.type != "cuda" or not has_triton():
+        log.warning("torch_compile: true needs a CUDA GPU and Triton (pip install triton; on Windows "
+                    "triton-windows); training without it.")
+        return None
+    log.info("Compiling the UNet for the training step: the first step of each bucket shape waits for it "
+             "(minutes the first time, much less once torch's compile cache has it).")
+    return torch.compile(unet)
+
+
+def _step_loss(backbone: DiffusionBackbone, accelerator: Accelerator, inputs: dict[str, torch.Tensor],
+               unet: torch.nn.Module | None = None) -> torch.Tensor:
     """The step's loss from its prepared inputs: the same code eagerly and inside a captured CUDA graph."""
     cond = {k.removeprefix("cond_"): v for k, v in inputs.items() if k.startswith("cond_")}
     with accelerator.autocast():
-        pred = backbone.predict(inputs["noisy"], inputs["timesteps"], cond, inputs.get("time_ids"))
+        pred = backbone.predict(inputs["noisy"], inputs["timesteps"], cond, inputs.get("time_ids"), unet)
     loss = F.mse_loss(pred.float(), inputs["target"].float(), reduction="none").mean(dim=(1, 2, 3))
     if "weight" in inputs:
         loss = loss * inputs["weight"]
