@@ -249,3 +249,12 @@ def test_gradient_checkpointing_gives_the_same_adapter_and_accumulation_counts_s
                                        gradient_accumulation_steps=2))
     assert accumulated.steps == accumulated.total_steps == 3 and [s for s, _ in accumulated.losses] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in accumulated.losses)
+
+
+def test_bf16_autocast_trains_with_the_lora_input_kept_in_bf16(tiny_lm, corpus, tmp_path):
+    """Under mixed precision the LoRA layers take the bf16 hidden states as they come (no fp32 copy per layer):
+    the run still learns and the adapter is saved in fp32."""
+    result = train_lora(lm_config(tiny_lm, corpus, tmp_path / "out", max_steps=30, mixed_precision="bf16"))
+    assert result.metrics["perplexity_after"] < 0.1 * result.metrics["perplexity_before"]
+    adapter = load_file(str(result.lora_file / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())

@@ -222,7 +222,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # the LoRA trains in fp32 under autocast; the frozen model stays in `frozen`
-    if frozen != torch.float32:  # every forward runs under autocast: no fp32 copy of each LoRA layer's input
+    if frozen != torch.float32 and device.type in ("cuda", "cpu"):  # where every forward runs under autocast
         from lora_trainer.lora.inject import keep_lora_input_dtype
 
         keep_lora_input_dtype(model)

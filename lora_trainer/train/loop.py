@@ -233,7 +233,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     for group in groups:
         for p in group["params"]:
             p.data = p.data.float()
-    if weight_dtype != torch.float32:  # every forward of the LoRA'd models runs under autocast
+    if weight_dtype != torch.float32 and device.type in ("cuda", "cpu"):  # where every forward runs under autocast
         keep_lora_input_dtype(backbone.unet, *backbone.text_encoders)
     if config.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
