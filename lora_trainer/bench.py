@@ -262,7 +262,7 @@ def bench_levers(checkpoint: Path, batch: int, size: int, steps: int, device: to
                                          **lever)
                 row[f"{mode}_steps_per_s"] = round(result["steps_per_s"], 2)
                 row[f"{mode}_first_step_s"] = round(result["first_step_s"], 1)
-            except Exception as exc:  # a backend this GPU or shape lacks, a failed compile: reported, not fatal
+            except RuntimeError as exc:  # a backend this GPU or shape lacks, a failed compile: reported, not fatal
                 row[f"{mode}_steps_per_s"] = f"failed: {str(exc).splitlines()[0][:80]}"
                 row[f"{mode}_first_step_s"] = None
             row[f"{mode}_peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None

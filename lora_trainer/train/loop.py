@@ -431,9 +431,11 @@ def _compiled(unet: torch.nn.Module, config: TrainConfig, device: torch.device,
         return None
     try:
         from torch.utils._triton import has_triton
+
+        triton = has_triton()
     except ImportError:  # torch before 2.1
-        has_triton = lambda: False  # noqa: E731
-    if device.type != "cuda" or not has_triton():
+        triton = False
+    if device.type != "cuda" or not triton:
         log.warning("torch_compile: true needs a CUDA GPU and Triton (pip install triton; on Windows "
                     "triton-windows); training without it.")
         return None
