@@ -184,7 +184,15 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                     cancel: CancelToken | None = None, resume: str | Path | None = None):
     """Train a peft LoRA on a causal language model as `config` says; see TrainResult (lora_file is the adapter
     folder, metrics holds the held-out perplexity before and after)."""
-    from lora_trainer.train.loop import LossLog, TrainResult, _accelerator, _rng, _tensorboard, periodic_save_due
+    from lora_trainer.train.loop import (
+        LossLog,
+        TrainResult,
+        _accelerator,
+        _rng,
+        _tensorboard,
+        periodic_save_due,
+        stops_cleanly,
+    )
     from lora_trainer.train.state import read_state
 
     bus = EventBus(listeners)
@@ -321,7 +329,12 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
         evaluate("before")
     model.train()
     losses = LossLog(device, config, bus, writer, result)
-    try:
+
+    def cleanup() -> None:
+        if writer:
+            writer.close()
+
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "adapter", cleanup):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt
@@ -355,22 +368,8 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
                 save("periodic")
         accelerator.wait_for_everyone()
         evaluate("after")
-    except KeyboardInterrupt:
-        if step > 0:
-            result.lora_file = save("interrupted")
-            log.info("Stopped at step %d of %d; the adapter so far is in %s. Continue with: train --resume %s",
-                     step, total_steps, result.lora_file, out_dir)
-        result.interrupted = True
-        bus.emit("done", step, total_steps, interrupted=True, lora_file=str(result.lora_file))
-        if not cancel.is_set():
-            raise
+    if result.interrupted:
         return result
-    except Exception as exc:
-        bus.emit("error", step, total_steps, message=str(exc))
-        raise
-    finally:
-        if writer:
-            writer.close()
 
     # 4. the finished adapter (and merged model)
     if accelerator.is_main_process:

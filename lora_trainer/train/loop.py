@@ -7,9 +7,11 @@ epoch e from (seed, e), so a run resumed from a checkpoint continues exactly as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,32 @@ class LossLog:
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("it_per_s", self.config.log_every_n_steps / max(time.time() - self.tick, 1e-9), step)
         self.tick = time.time()
+
+
+@contextlib.contextmanager
+def stops_cleanly(result: TrainResult, bus: EventBus, cancel: CancelToken, save_interrupted: Callable[[], Path | None],
+                  what: str, cleanup: Callable[[], None]) -> Iterator[None]:
+    """Around a training loop: Ctrl-C (or a cancel from the UI) saves a resumable checkpoint of the steps done and
+    marks the run interrupted, where the caller returns `result`; the command line's Ctrl-C is raised again. Any
+    other error becomes an 'error' event. `cleanup` runs on every way out."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if result.steps > 0:
+            result.lora_file = save_interrupted()
+            log.info("Stopped at step %d of %d; the %s so far is %s. Continue with: train --resume %s",
+                     result.steps, result.total_steps, what, result.lora_file, result.output_dir)
+        else:
+            log.info("Stopped before the first step; nothing was saved.")
+        result.interrupted = True
+        bus.emit("done", result.steps, result.total_steps, interrupted=True, lora_file=str(result.lora_file))
+        if not cancel.is_set():
+            raise
+    except Exception as exc:
+        bus.emit("error", result.steps, result.total_steps, message=str(exc))
+        raise
+    finally:
+        cleanup()
 
 
 def periodic_save_due(config: TrainConfig, plan: list, micro: int, step: int, epoch: int) -> bool:
@@ -319,7 +347,13 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         model.train()
     losses = LossLog(device, config, bus, writer, result)
     device_gen = torch.Generator(device=device)
-    try:
+
+    def cleanup() -> None:
+        backbone.runner = None
+        if writer:
+            writer.close()
+
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "LoRA", cleanup):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt
@@ -390,25 +424,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             if config.sample_prompts and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and backbone.can_render:
                 result.samples += _samples(backbone, config, step, out_dir, bus, writer, accelerator, models)
-    except KeyboardInterrupt:
-        if step > 0:
-            result.lora_file = save("interrupted")
-            log.info("Stopped at step %d of %d; the LoRA so far is %s. Continue with: train --resume %s",
-                     step, total_steps, result.lora_file, out_dir)
-        else:
-            log.info("Stopped before the first step; nothing was saved.")
-        result.interrupted = True
-        bus.emit("done", step, total_steps, interrupted=True, lora_file=str(result.lora_file))
-        if not cancel.is_set():
-            raise
+    if result.interrupted:
         return result
-    except Exception as exc:
-        bus.emit("error", step, total_steps, message=str(exc))
-        raise
-    finally:
-        backbone.runner = None
-        if writer:
-            writer.close()
 
     # 7. the finished LoRA
     accelerator.wait_for_everyone()
