@@ -329,12 +329,7 @@ def train_causal_lm(config: TrainConfig, *, listeners: list[Listener] | tuple[Li
         evaluate("before")
     model.train()
     losses = LossLog(device, config, bus, writer, result)
-
-    def cleanup() -> None:
-        if writer:
-            writer.close()
-
-    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "adapter", cleanup):
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "adapter", writer):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt

@@ -87,10 +87,10 @@ class LossLog:
 
 @contextlib.contextmanager
 def stops_cleanly(result: TrainResult, bus: EventBus, cancel: CancelToken, save_interrupted: Callable[[], Path | None],
-                  what: str, cleanup: Callable[[], None]) -> Iterator[None]:
+                  what: str, writer, cleanup: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Around a training loop: Ctrl-C (or a cancel from the UI) saves a resumable checkpoint of the steps done and
     marks the run interrupted, where the caller returns `result`; the command line's Ctrl-C is raised again. Any
-    other error becomes an 'error' event. `cleanup` runs on every way out."""
+    other error becomes an 'error' event. The TensorBoard `writer` is closed and `cleanup` run on every way out."""
     try:
         yield
     except KeyboardInterrupt:
@@ -108,6 +108,8 @@ def stops_cleanly(result: TrainResult, bus: EventBus, cancel: CancelToken, save_
         bus.emit("error", result.steps, result.total_steps, message=str(exc))
         raise
     finally:
+        if writer:
+            writer.close()
         cleanup()
 
 
@@ -350,10 +352,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
 
     def cleanup() -> None:
         backbone.runner = None
-        if writer:
-            writer.close()
 
-    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "LoRA", cleanup):
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), "LoRA", writer, cleanup):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt
