@@ -21,8 +21,8 @@ function loraTrainerRefreshLoras() {
     }
 }
 
-function loraTrainerProgress(task) {
-    const anchor = gradioApp().getElementById("lora_trainer_progress");
+function loraTrainerProgress(task, anchorId) {
+    const anchor = gradioApp().getElementById(anchorId || "lora_trainer_progress");
     if (!task || !anchor || typeof requestProgress !== "function") return;
     // the WebUI polls /internal/progress for this task: its bar, ETA and text, until the job ends
     requestProgress(task, anchor, null, loraTrainerRefreshLoras, null, 3600);

@@ -8,6 +8,7 @@ pydantic model: the WebUI ships pydantic 1 and Forge pydantic 2, and this must i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ import yaml
 
 from lora_trainer.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def _field(default: Any, help: str, *, group: str, choices: tuple | None = None,
-           min: float | None = None, max: float | None = None, preset: bool = False) -> Any:
-    """A dataclass field whose metadata carries its help, bounds and choices."""
-    meta = {"help": help, "group": group, "choices": choices, "min": min, "max": max, "preset": preset}
+           min: float | None = None, max: float | None = None, preset: bool = False, label: str = "") -> Any:
+    """A dataclass field whose metadata carries its help, bounds, choices and form label."""
+    meta = {"help": help, "group": group, "choices": choices, "min": min, "max": max, "preset": preset,
+            "label": label}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,19 +40,19 @@ class TrainConfig:
 
     # model
     model_type: str = _field("image", "What base_model is: an image model (SD1.x/SD2.x/SDXL), or a causal language model (causal_lm: a local Hugging Face model folder such as LLaMA, Mistral, Qwen or GPT-2). Only the keys of its kind matter.", group="model", choices=("image", "causal_lm"))
-    base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model")
+    base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model", label="Base model")
     family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
-    prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"))
+    prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"), label="Prediction type")
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
-    max_token_length: int = _field(75, "Caption tokens the text encoder sees: 75, or 150/225 for long tag lists (encoded in 75-token chunks, as the WebUI does with long prompts).", group="model", choices=(75, 150, 225))
-    clip_skip: int = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True)
+    max_token_length: int = _field(75, "Caption tokens the text encoder sees: 75, or 150/225 for long tag lists (encoded in 75-token chunks, as the WebUI does with long prompts).", group="model", choices=(75, 150, 225), label="Caption tokens")
+    clip_skip: int = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True, label="CLIP skip")
 
     # data
-    train_data_dir: str = _field("", "Folder of training images with captions (.txt sidecars, metadata.csv/jsonl, kohya N_name repeat folders).", group="data")
+    train_data_dir: str = _field("", "Folder of training images with captions (.txt sidecars, metadata.csv/jsonl, kohya N_name repeat folders).", group="data", label="Image folder")
     resolution: int = _field(None, "Training resolution in pixels (the side of a square of the same area).", group="data", min=64, max=4096, preset=True)
     enable_buckets: bool = _field(True, "Keep aspect ratios: group images into buckets of similar shape instead of square crops.", group="data")
-    min_bucket_reso: int = _field(None, "Smallest bucket side in pixels.", group="data", min=32, max=4096, preset=True)
-    max_bucket_reso: int = _field(None, "Largest bucket side in pixels.", group="data", min=64, max=8192, preset=True)
+    min_bucket_reso: int = _field(None, "Smallest bucket side in pixels.", group="data", min=32, max=4096, preset=True, label="Smallest bucket side")
+    max_bucket_reso: int = _field(None, "Largest bucket side in pixels.", group="data", min=64, max=8192, preset=True, label="Largest bucket side")
     repeats: int = _field(1, "How often each image is seen per epoch (kohya N_name folders set their own).", group="data", min=1, max=1000)
     caption_extension: str = _field(".txt", "Extension of caption sidecar files.", group="data")
     missing_caption: str = _field("trigger", "What an image without a caption gets: the trigger word, an empty caption, or an error.", group="data", choices=("trigger", "empty", "error"))
@@ -56,50 +60,50 @@ class TrainConfig:
     shuffle_captions: bool = _field(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
     keep_tokens: int = _field(1, "With shuffling, keep this many leading tags in place (e.g. the trigger word).", group="data", min=0, max=255)
     caption_dropout: float = _field(0.0, "Probability of training on an empty caption (helps unconditional quality).", group="data", min=0.0, max=1.0)
-    flip_aug: bool = _field(False, "Also train on mirrored images (not for subjects whose sides differ, e.g. text or asymmetric faces).", group="data")
-    cache_latents_to_disk: bool = _field(False, "Keep the encoded images in output_dir/cache so the next run starts at once.", group="data")
+    flip_aug: bool = _field(False, "Also train on mirrored images (not for subjects whose sides differ, e.g. text or asymmetric faces).", group="data", label="Mirror images")
+    cache_latents_to_disk: bool = _field(False, "Keep the encoded images in output_dir/cache so the next run starts at once.", group="data", label="Keep encoded images on disk")
 
     # lora
-    lora_rank: int = _field(None, "LoRA rank (dim): capacity of the LoRA. 4-16 suits styles and characters on small GPUs.", group="lora", min=1, max=1024, preset=True)
-    lora_alpha: float = _field(None, "LoRA alpha: the LoRA's output is scaled by alpha/rank. Fixed, never trained.", group="lora", min=0.0, max=4096.0, preset=True)
-    lora_dropout: float = _field(0.0, "Dropout inside the LoRA layers during training.", group="lora", min=0.0, max=0.9)
-    lora_targets: str = _field("attention_ff", "Which UNet layers get a LoRA: attention only; attention + feed-forward + projections (kohya's default); or those plus the ResNet convolutions (LoCon).", group="lora", choices=("attention", "attention_ff", "locon"))
+    lora_rank: int = _field(None, "LoRA rank (dim): capacity of the LoRA. 4-16 suits styles and characters on small GPUs.", group="lora", min=1, max=1024, preset=True, label="LoRA rank")
+    lora_alpha: float = _field(None, "LoRA alpha: the LoRA's output is scaled by alpha/rank. Fixed, never trained.", group="lora", min=0.0, max=4096.0, preset=True, label="LoRA alpha")
+    lora_dropout: float = _field(0.0, "Dropout inside the LoRA layers during training.", group="lora", min=0.0, max=0.9, label="LoRA dropout")
+    lora_targets: str = _field("attention_ff", "Which UNet layers get a LoRA: attention only; attention + feed-forward + projections (kohya's default); or those plus the ResNet convolutions (LoCon).", group="lora", choices=("attention", "attention_ff", "locon"), label="LoRA layers")
     train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).", group="lora")
-    text_encoder_lr: float = _field(None, "Learning rate of the text-encoder LoRA (default: half the UNet's).", group="lora", min=0.0, max=1.0)
-    init_lora: str = _field("", "Continue from this LoRA file (kohya format, ours or another tool's) instead of starting from zero.", group="lora")
+    text_encoder_lr: float = _field(None, "Learning rate of the text-encoder LoRA (default: half the UNet's).", group="lora", min=0.0, max=1.0, label="Text encoder learning rate")
+    init_lora: str = _field("", "Continue from this LoRA file (kohya format, ours or another tool's) instead of starting from zero.", group="lora", label="Continue from LoRA")
 
     # training
     epochs: int = _field(None, "Passes over the dataset.", group="training", min=1, max=100000, preset=True)
-    max_steps: int = _field(0, "Stop after this many optimizer steps (0 = run all epochs).", group="training", min=0, max=10_000_000)
-    batch_size: int = _field(None, "Images (language models: sequences) per step. 1-4 images on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True)
-    gradient_accumulation_steps: int = _field(1, "Add up gradients over this many batches before each optimizer step.", group="training", min=1, max=1024)
+    max_steps: int = _field(0, "Stop after this many optimizer steps (0 = run all epochs).", group="training", min=0, max=10_000_000, label="Max steps")
+    batch_size: int = _field(None, "Images (language models: sequences) per step. 1-4 images on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True, label="Batch size")
+    gradient_accumulation_steps: int = _field(1, "Add up gradients over this many batches before each optimizer step.", group="training", min=1, max=1024, label="Gradient accumulation")
     learning_rate: float = _field(None, "LoRA learning rate (of the UNet's LoRA for images; 1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
     optimizer: str = _field(None, "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.", group="training", choices=("adamw", "adamw8bit", "prodigy", "lion"), preset=True)
     weight_decay: float = _field(0.01, "Weight decay.", group="training", min=0.0, max=1.0)
-    lr_scheduler: str = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True)
-    lr_warmup_steps: int = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True)
-    max_grad_norm: float = _field(1.0, "Clip gradients to this norm (0 = off).", group="training", min=0.0, max=1000.0)
-    min_snr_gamma: float = _field(None, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, preset=True)
+    lr_scheduler: str = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True, label="Learning-rate schedule")
+    lr_warmup_steps: int = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True, label="Warm-up steps")
+    max_grad_norm: float = _field(1.0, "Clip gradients to this norm (0 = off).", group="training", min=0.0, max=1000.0, label="Gradient clipping")
+    min_snr_gamma: float = _field(None, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, preset=True, label="Min-SNR gamma")
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
-    mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"), label="Mixed precision")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
-    cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw; no accumulation, LoRA dropout, checkpointing or text-encoder training; language models: packing, no 4-bit).", group="training", choices=("auto", "on", "off"))
-    torch_compile: bool = _field(False, "Compile the UNet with torch.compile for the training step (CUDA GPU with Triton). Measured on an H200 at SD1.5 batch 4 with cuda_graphs: 1.4x the images/s and 25% less memory, but the first step of each bucket shape waits for the compile (~3 minutes; 20-40 s once torch's compile cache has it): for long runs with few bucket shapes.", group="training")
+    cuda_graphs: str = _field("auto", "Replay each training step as one CUDA graph (several times faster on fast GPUs, where issuing thousands of small kernels is the bottleneck). 'auto' uses it on a CUDA GPU when the run is long enough to pay back the capture and nothing rules it out (adamw; no accumulation, LoRA dropout, checkpointing or text-encoder training; language models: packing, no 4-bit).", group="training", choices=("auto", "on", "off"), label="CUDA graphs")
+    torch_compile: bool = _field(False, "Compile the UNet with torch.compile (CUDA GPU with Triton): about 1.4x faster steps and less memory, but the first step of each image shape waits minutes for the compile. Worth it for runs of thousands of steps with few image shapes; leave it off for short runs.", group="training", label="torch.compile")
     device: str = _field("auto", "Where to train: auto, cpu, cuda, cuda:N or mps.", group="training")
-    seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1)
+    seed: int = _field(42, "Random seed: same seed and data give the same LoRA.", group="training", min=0, max=2**32 - 1, label="Training seed")
 
     # output
-    output_name: str = _field("", "Name of the LoRA file and of <lora:NAME:weight> (default: the data folder's name + '_lora').", group="output")
-    output_dir: str = _field("", "Folder for the LoRA, checkpoints, samples and logs (default: output/<output_name>).", group="output")
-    save_dtype: str = _field("fp16", "Precision of the saved LoRA weights.", group="output", choices=("fp16", "bf16", "fp32"))
-    save_every_n_steps: int = _field(0, "Also save a resumable checkpoint every N steps (0 = off).", group="output", min=0, max=10_000_000)
-    save_every_n_epochs: int = _field(1, "Save a resumable checkpoint every N epochs (0 = only at the end).", group="output", min=0, max=100000)
-    keep_last_n_checkpoints: int = _field(3, "How many periodic checkpoints to keep (older ones are deleted).", group="output", min=1, max=1000)
+    output_name: str = _field("", "Name of the LoRA file and of <lora:NAME:weight> (default: the data folder's name + '_lora'). Letters, digits, '-', '_', '.' and spaces; other characters become '_' and a folder part is dropped, so the files stay in their folders.", group="output", label="LoRA name")
+    output_dir: str = _field("", "Folder for the run's checkpoints, samples, logs and a copy of the LoRA (empty: output/<LoRA name> from the command line, outputs/lora_trainer/<LoRA name> in the WebUI, lora_trainer/<LoRA name> in ComfyUI's output folder).", group="output", label="Run folder")
+    save_dtype: str = _field("fp16", "Precision of the saved LoRA weights.", group="output", choices=("fp16", "bf16", "fp32"), label="Save precision")
+    save_every_n_steps: int = _field(0, "Also save a resumable checkpoint every N steps (0 = off).", group="output", min=0, max=10_000_000, label="Save every N steps")
+    save_every_n_epochs: int = _field(1, "Save a resumable checkpoint every N epochs (0 = only at the end).", group="output", min=0, max=100000, label="Save every N epochs")
+    keep_last_n_checkpoints: int = _field(3, "How many periodic checkpoints to keep (older ones are deleted).", group="output", min=1, max=1000, label="Checkpoints to keep")
     sample_prompts: list = _field([], "Prompts rendered as preview images while training (PNG files and TensorBoard).", group="output")  # noqa: RUF009 - _field returns a default_factory for lists
-    sample_every_n_steps: int = _field(0, "Render the sample prompts every N steps (0 = only at the end if prompts are given).", group="output", min=0, max=10_000_000)
-    sample_steps: int = _field(20, "Denoising steps per sample image.", group="output", min=1, max=200)
-    sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0)
-    log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000)
+    sample_every_n_steps: int = _field(0, "Render the sample prompts every N steps (0 = only at the end if prompts are given).", group="output", min=0, max=10_000_000, label="Sample every N steps")
+    sample_steps: int = _field(20, "Denoising steps per sample image.", group="output", min=1, max=200, label="Sample steps")
+    sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0, label="Sample guidance (CFG)")
+    log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000, label="Log every N steps")
 
     # language models (model_type: causal_lm)
     target_modules: str = _field("q_proj,v_proj", "Language model layers that get a LoRA: comma-separated module names (q_proj,v_proj as in the lora-scripts article; GPT-2 calls its attention c_attn), or all_linear for every linear layer but the output head.", group="language model")
@@ -114,24 +118,24 @@ class TrainConfig:
 class CaptionConfig:
     """How to caption a folder with BLIP."""
 
-    model: str = _field("Salesforce/blip-image-captioning-base", "BLIP model: a local folder, or a Hugging Face id found in the local cache (base or -large).", group="caption")
-    output: str = _field("txt", "Where captions go: a .txt file beside each image, metadata.csv (file_name,text) or metadata.jsonl.", group="caption", choices=("txt", "csv", "jsonl"))
-    caption_extension: str = _field(".txt", "Extension of the caption files written beside the images (output: txt).", group="caption")
-    existing: str = _field("keep", "Images that already have a caption: keep it (skip them), overwrite it, or append the new caption to it.", group="caption", choices=("keep", "overwrite", "append"))
-    prefix: str = _field("", "Text put in front of every caption, e.g. your trigger word.", group="caption")
-    suffix: str = _field("", "Text put at the end of every caption.", group="caption")
-    prompt: str = _field("", "Conditional start that BLIP continues, e.g. 'a painting of'.", group="caption")
-    min_length: int = _field(5, "Fewest new tokens per caption.", group="caption", min=0, max=200)
-    max_length: int = _field(30, "Most new tokens per caption.", group="caption", min=1, max=300)
-    num_beams: int = _field(3, "Beam search width (1 = greedy; more is slower and a little better).", group="caption", min=1, max=16)
-    sampling: bool = _field(False, "Sample words instead of searching for the likeliest caption (more varied captions).", group="caption")
-    top_p: float = _field(0.9, "With sampling: keep the smallest set of words whose probability adds up to this.", group="caption", min=0.0, max=1.0)
-    batch_size: int = _field(32, "Images per batch on the GPU.", group="caption", min=1, max=1024)
-    workers: int = _field(0, "Threads decoding images while the GPU works (0 = automatic).", group="caption", min=0, max=64)
-    device: str = _field("auto", "Where to run BLIP: auto, cpu, cuda, cuda:N or mps.", group="caption")
-    dtype: str = _field("auto", "Precision: auto is bf16/fp16 on a GPU and fp32 on the CPU.", group="caption", choices=("auto", "fp32", "fp16", "bf16"))
-    seed: int = _field(0, "Seed for sampling.", group="caption", min=0, max=2**32 - 1)
-    allow_pickle: bool = _field(False, "Allow a BLIP folder with pytorch_model.bin (pickle) weights.", group="caption")
+    model: str = _field("Salesforce/blip-image-captioning-base", "BLIP model: a local folder, or a Hugging Face id found in the local cache (base or -large).", group="caption", label="BLIP model")
+    output: str = _field("txt", "Where captions go: a .txt file beside each image, metadata.csv (file_name,text) or metadata.jsonl.", group="caption", choices=("txt", "csv", "jsonl"), label="Write captions to")
+    caption_extension: str = _field(".txt", "Extension of the caption files written beside the images (output: txt).", group="caption", label="Caption file extension")
+    existing: str = _field("keep", "Images that already have a caption: keep it (skip them), overwrite it, or append the new caption to it.", group="caption", choices=("keep", "overwrite", "append"), label="Existing captions")
+    prefix: str = _field("", "Text put in front of every caption, e.g. your trigger word.", group="caption", label="Caption prefix")
+    suffix: str = _field("", "Text put at the end of every caption.", group="caption", label="Caption suffix")
+    prompt: str = _field("", "Conditional start that BLIP continues, e.g. 'a painting of'.", group="caption", label="BLIP start text")
+    min_length: int = _field(5, "Fewest new tokens per caption.", group="caption", min=0, max=200, label="Min caption tokens")
+    max_length: int = _field(30, "Most new tokens per caption.", group="caption", min=1, max=300, label="Max caption tokens")
+    num_beams: int = _field(3, "Beam search width (1 = greedy; more is slower and a little better).", group="caption", min=1, max=16, label="Beams")
+    sampling: bool = _field(False, "Sample words instead of searching for the likeliest caption (more varied captions).", group="caption", label="Sample words")
+    top_p: float = _field(0.9, "With sampling: keep the smallest set of words whose probability adds up to this.", group="caption", min=0.0, max=1.0, label="Top-p")
+    batch_size: int = _field(32, "Images per batch on the GPU.", group="caption", min=1, max=1024, label="Captioning batch size")
+    workers: int = _field(0, "Threads decoding images while the GPU works (0 = automatic).", group="caption", min=0, max=64, label="Decoding threads")
+    device: str = _field("auto", "Where to run BLIP: auto, cpu, cuda, cuda:N or mps.", group="caption", label="Captioning device")
+    dtype: str = _field("auto", "Precision: auto is bf16/fp16 on a GPU and fp32 on the CPU.", group="caption", choices=("auto", "fp32", "fp16", "bf16"), label="Captioning precision")
+    seed: int = _field(0, "Seed for sampling.", group="caption", min=0, max=2**32 - 1, label="Captioning seed")
+    allow_pickle: bool = _field(False, "Allow a BLIP folder with pytorch_model.bin (pickle) weights.", group="caption", label="Allow pickle BLIP weights")
 
 
 # The lora-scripts article's and kohya's names for the same keys.
@@ -295,7 +299,7 @@ def resolve(config: TrainConfig, family: str) -> TrainConfig:
     if family == "causal_lm":
         if not values["output_name"]:
             values["output_name"] = f"{Path(values['train_data_dir']).stem or 'my'}_lora"
-        values["output_name"] = safe_name(values["output_name"])
+        values["output_name"] = _clean_name(values["output_name"])
         values["output_dir"] = values["output_dir"] or str(Path("output") / values["output_name"])
         return TrainConfig(**values)
     values["family"] = family
@@ -306,7 +310,7 @@ def resolve(config: TrainConfig, family: str) -> TrainConfig:
     if not values["output_name"]:
         stem = Path(values["train_data_dir"]).name or "my"
         values["output_name"] = f"{stem}_lora"
-    values["output_name"] = safe_name(values["output_name"])
+    values["output_name"] = _clean_name(values["output_name"])
     if not values["output_dir"]:
         values["output_dir"] = str(Path("output") / values["output_name"])
     values["min_bucket_reso"] = min(values["min_bucket_reso"], values["resolution"])
@@ -321,6 +325,26 @@ def safe_name(name: str) -> str:
     if not cleaned:
         raise ConfigError(f"{name!r} is not a usable file name: use letters, digits, '-', '_' or '.'.")
     return cleaned[:120]
+
+
+def _clean_name(typed: str) -> str:
+    """safe_name, logging when the name had to change."""
+    cleaned = safe_name(typed)
+    if note := renamed_note(typed, cleaned):
+        log.warning(note)
+    return cleaned
+
+
+def renamed_note(typed: str, cleaned: str) -> str:
+    """What a user is told when their name was changed to stay inside its folder ("" when it was not)."""
+    if str(typed).strip() == cleaned:
+        return ""
+    return f"The name {str(typed).strip()!r} was changed to {cleaned!r}, so its files stay inside their folders."
+
+
+def step_name(name: str, step: int) -> str:
+    """The name of a LoRA saved at `step` (a checkpoint or an interrupted run), the same in every folder."""
+    return f"{name}-step{step:08d}"
 
 
 def to_yaml(config: TrainConfig) -> str:

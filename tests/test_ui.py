@@ -86,7 +86,9 @@ def test_interrupt_saves_the_lora_so_far_under_its_own_name(tmp_path, sd1_checkp
     job = trainer.start(_values(sd1_checkpoint, dataset, max_steps=6))
     trainer.wait(300)
     assert job.state == "interrupted", job.message
-    assert Path(job.lora_file).name == "ui_lora-step000002.safetensors"
+    assert Path(job.lora_file).name == "ui_lora-step00000002.safetensors"
+    # the copy in the run folder has the same name as the one in the LoRA folder
+    assert (tmp_path / "out" / "ui_lora" / "ui_lora-step00000002.safetensors").is_file()
     assert not (tmp_path / "loras" / "ui_lora.safetensors").exists()  # the finished name stays free
     assert not trainer.interrupt()
 
@@ -187,3 +189,86 @@ def test_the_standalone_test_grid_renders_each_strength(tmp_path, sd1_checkpoint
     assert not np.array_equal(cells[:, 64:], cells[:, :64])
     with pytest.raises(ConfigError):
         parse_strengths("0, lots")
+
+
+def test_a_missing_or_empty_image_folder_is_refused_before_a_job_starts(tmp_path, sd1_checkpoint):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.ui.api import register_api
+
+    trainer = Trainer(StandaloneHost(tmp_path / "loras", tmp_path / "out"))
+    app = FastAPI()
+    register_api(app, trainer)
+    client = TestClient(app)
+    (tmp_path / "empty").mkdir()
+    for folder, says in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "No images found")):
+        refused = client.post("/lora_trainer/train", json={"config": _values(sd1_checkpoint, folder)})
+        assert refused.status_code == 422 and says in refused.json()["error"] and str(folder) in refused.json()["error"]
+    assert trainer.job is None and client.get("/lora_trainer/status").json()["state"] == "idle"
+
+
+@pytest.mark.parametrize("typed", ["../../../../../../tmp/escaped", "/tmp/escaped", "..\\..\\escaped"])
+def test_a_typed_name_never_leaves_its_folder(tmp_path, sd1_checkpoint, dataset, typed):
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    job = trainer.start({**_values(sd1_checkpoint, dataset, max_steps=1), "output_name": typed})
+    assert job.name == "escaped" and "was changed to 'escaped'" in job.notice
+    trainer.wait(300)
+    assert job.state == "done", job.message
+    assert Path(job.lora_file) == tmp_path / "loras" / "escaped.safetensors"
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.is_relative_to(tmp_path / "loras") or p.is_relative_to(tmp_path / "out" / "escaped")
+               for p in written), written
+    assert not Path("/tmp/escaped").exists() and not (tmp_path.parent / "escaped").exists()
+    assert "was changed" in describe(job)
+
+
+def test_every_label_in_the_tab_is_unique(tmp_path):
+    """The WebUI saves each field's default in ui-config.json under its label: a shared label shares a default."""
+    gr = pytest.importorskip("gradio")
+    from lora_trainer.hosts.a1111 import WebUIHost
+    from lora_trainer.ui.blocks import build_blocks
+
+    for host in (StandaloneHost(tmp_path / "loras", tmp_path / "out"), _webui_like(WebUIHost)):
+        blocks = build_blocks(host, Trainer(host))
+        kept = (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown)
+        labels = [b.label for b in blocks.blocks.values() if type(b) in kept and getattr(b, "label", None)]
+        assert len(labels) == len(set(labels)), sorted(label for label in labels if labels.count(label) > 1)
+        assert not [label for label in labels if label.startswith(("Lora", "Min snr", "Lr ", "Cuda", "Clip"))]
+
+
+def _webui_like(host_class):
+    """The WebUI host's form (its hidden keys, its defaults) without a WebUI to ask."""
+    host = host_class.__new__(host_class)
+    host.training = False
+    host.model_line = lambda: "model"
+    host.default_values = dict
+    host.lora_dir = lambda: Path("models/Lora")
+    return host
+
+
+def test_a_refused_train_click_keeps_its_reason(tmp_path):
+    pytest.importorskip("gradio")
+    from lora_trainer.ui.blocks import build_blocks
+
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    blocks = build_blocks(host, Trainer(host))
+    fns = {getattr(f, "fn", None).__name__: f.fn for f in (blocks.fns.values() if isinstance(blocks.fns, dict)
+                                                          else blocks.fns) if getattr(f, "fn", None)}
+    follow = list(fns["on_follow"](""))
+    assert len(follow) == 1 and all(isinstance(u, dict) for u in follow[0])  # nothing replaced
+    assert fns["on_status"]()[0] == describe(None)
+
+
+def test_the_test_grid_renders_at_the_trained_resolution(tmp_path, sd1_checkpoint, dataset):
+    from lora_trainer.ui.render import render_strengths, trained_size
+
+    host = StandaloneHost(tmp_path / "loras", tmp_path / "out")
+    trainer = Trainer(host)
+    trainer.start(_values(sd1_checkpoint, dataset, max_steps=1))
+    job = trainer.wait(300)
+    assert trained_size(job.lora_file) == 64
+    grid = render_strengths(str(sd1_checkpoint), job.lora_file, "inkwash", "", [1.0], seed=1, steps=1)
+    assert grid.size == (64, 84)

@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 TAB = ("LoRA Train", "lora_trainer")
 SECTION = ("lora_trainer", "LoRA Trainer")
-PROGRESS_JS = "(task) => { loraTrainerProgress(task); return [task]; }"
+PROGRESS_JS = "(task) => { loraTrainerProgress(task, 'lora_trainer_progress'); return [task]; }"
+# the Test button's inputs end with its hidden task box (the WebUI tab has no base-model box after it)
+TEST_PROGRESS_JS = ("(...args) => { const task = 'task(lora_trainer-test-' + Date.now() + ')'; "
+                    "args[args.length - 1] = task; loraTrainerProgress(task, 'lora_trainer_test_progress'); "
+                    "return args; }")
 _trainer: Trainer | None = None
 
 
@@ -119,6 +123,7 @@ class WebUIHost:
     needs_base_model = False
     can_send_to_txt2img = True
     progress_js = PROGRESS_JS
+    test_progress_js = TEST_PROGRESS_JS
     # the model is the loaded one, and its text encoder is the WebUI's (with the WebUI's own clip skip setting)
     hidden_keys = ("family", "prediction_type", "allow_pickle", "clip_skip", "train_text_encoder", "text_encoder_lr",
                    "device")
@@ -148,8 +153,10 @@ class WebUIHost:
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         from modules import devices
 
+        from lora_trainer.config import safe_name
+
         values = {k: v for k, v in values.items() if k != "base_model"}
-        name = str(values.get("output_name", "")).strip()
+        name = safe_name(values["output_name"]) if str(values.get("output_name", "")).strip() else ""
         if name and not str(values.get("output_dir", "")).strip():
             values["output_dir"] = str(Path(_opt("lora_trainer_output_dir", "") or _output_root()) / name)
         values["device"] = str(devices.device)
@@ -182,17 +189,26 @@ class WebUIHost:
                 progress.finish_task(task)
                 shared.state.end()
 
-    def run_exclusive(self, work):
-        """Captioning and test renders: refused while training, else under the WebUI's queue lock."""
-        from modules import call_queue, shared
+    def run_exclusive(self, work, task: str = ""):
+        """Captioning and test renders: refused while training, else under the WebUI's queue lock.
+
+        `task` is the id the page's progress bar polls (the WebUI's /internal/progress).
+        """
+        from modules import call_queue, progress, shared
 
         if self.training:
             raise BusyError("A LoRA is training; captioning and test renders wait until it ends.")
+        if task:
+            progress.add_task_to_queue(task)
         with call_queue.queue_lock:
-            shared.state.begin(job="lora_trainer")
+            shared.state.begin(job=task or "lora_trainer")
+            if task:
+                progress.start_task(task)
             try:
                 return work()
             finally:
+                if task:
+                    progress.finish_task(task)
                 shared.state.end()
 
     def publish(self, lora_file: Path, name: str) -> Path:
@@ -221,16 +237,20 @@ class WebUIHost:
         return target
 
     def test_grid(self, name: str, prompt: str, negative: str, weights: list[float], seed: int, steps: int, *,
-                  base_model: str = ""):
-        """The same prompt and seed through the WebUI's own txt2img, once per strength."""
+                  size: int = 0, base_model: str = ""):
+        """The same prompt and seed through the WebUI's own txt2img, once per strength, at the size the LoRA
+        was trained at unless `size` says otherwise."""
         from contextlib import closing
 
         from modules import processing, shared
 
         from lora_trainer.config import PRESETS, safe_name
-        from lora_trainer.ui.render import labelled_grid
+        from lora_trainer.ui.render import labelled_grid, trained_size
 
-        size = PRESETS[_family(shared.sd_model)]["resolution"]
+        lora_file = self.lora_dir() / f"{safe_name(name)}.safetensors"
+        if not lora_file.is_file():
+            raise HostError(f"No LoRA {lora_file.name} in {self.lora_dir()}: pick one from the list.")
+        size = (size or trained_size(lora_file) or PRESETS[_family(shared.sd_model)]["resolution"]) // 8 * 8
         images = []
         for weight in weights:
             p = processing.StableDiffusionProcessingTxt2Img(
@@ -281,13 +301,16 @@ def forget_merged_loras(networks, root: torch.nn.Module | None) -> int:
     """
     networks.loaded_networks.clear()
     restored = 0
-    for module in root.modules() if root is not None else ():
-        if getattr(module, "network_weights_backup", None) is not None or \
-                getattr(module, "network_bias_backup", None) is not None:
-            networks.network_restore_weights_from_backup(module)
-            restored += 1
-        if hasattr(module, "network_current_names"):
-            module.network_current_names = ()
+    # the WebUI's restore copies into parameters that keep requires_grad=True: in place, that is only allowed
+    # without autograd (whatever grad mode the calling thread is in)
+    with torch.no_grad():
+        for module in root.modules() if root is not None else ():
+            if getattr(module, "network_weights_backup", None) is not None or \
+                    getattr(module, "network_bias_backup", None) is not None:
+                networks.network_restore_weights_from_backup(module)
+                restored += 1
+            if hasattr(module, "network_current_names"):
+                module.network_current_names = ()
     return restored
 
 

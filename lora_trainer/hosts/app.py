@@ -63,7 +63,7 @@ class StandaloneHost:
         with self._busy:
             return train_lora(config, listeners=listeners, cancel=cancel)
 
-    def run_exclusive(self, work: Callable[[], T]) -> T:
+    def run_exclusive(self, work: Callable[[], T], task: str = "") -> T:
         if not self._busy.acquire(blocking=False):
             raise BusyError("Training is running; captioning and test renders wait until it ends.")
         try:
@@ -77,7 +77,7 @@ class StandaloneHost:
         return publish_lora(lora_file, self.loras, name)
 
     def test_grid(self, name: str, prompt: str, negative: str, weights: list[float], seed: int, steps: int, *,
-                  base_model: str = ""):
+                  size: int = 0, base_model: str = ""):
         from lora_trainer.ui.render import render_strengths
 
         lora_file = self.loras / f"{safe_name(name)}.safetensors"
@@ -85,7 +85,8 @@ class StandaloneHost:
             raise ConfigError(f"No LoRA {lora_file.name} in {self.loras}.")
         if not base_model:
             raise ConfigError("Give the base model on the Dataset tab: the test renders on it.")
-        return render_strengths(base_model, str(lora_file), prompt, negative, weights, seed=seed, steps=steps)
+        return render_strengths(base_model, str(lora_file), prompt, negative, weights, seed=seed, steps=steps,
+                                size=size or None)
 
 
 def make_app(host: StandaloneHost):

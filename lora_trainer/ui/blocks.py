@@ -36,8 +36,16 @@ CAPTION_ID = "lora_trainer_caption_"  # element ids of the captioning options (t
 POLL_SECONDS = 1.0
 
 
-def _label(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+def _label(f: dataclasses.Field) -> str:
+    """The field's label in the form (the WebUI keys saved defaults by label, so each must be unique in the tab)."""
+    return f.metadata.get("label") or f.name.replace("_", " ").capitalize()
+
+
+def _named(message: str) -> str:
+    """An engine message with each config key it quotes shown as the form's label too."""
+    for f in (*config_fields(TrainConfig), *config_fields(CaptionConfig)):
+        message = message.replace(f"'{f.name}'", f"**{_label(f)}** (`{f.name}`)")
+    return message
 
 
 def _component(f: dataclasses.Field, value: Any = None, prefix: str = "lora_trainer_") -> gr.components.Component:
@@ -51,18 +59,18 @@ def _component(f: dataclasses.Field, value: Any = None, prefix: str = "lora_trai
         if default is None:  # a preset key: "preset" means the model family's value
             choices, default = [PRESET, *choices], PRESET
             info += " 'preset' = the model family's choice."
-        return gr.Dropdown(choices=choices, value=str(default), label=_label(f.name), info=info, elem_id=elem_id)
+        return gr.Dropdown(choices=choices, value=str(default), label=_label(f), info=info, elem_id=elem_id)
     if f.type == "bool":
-        return gr.Checkbox(value=bool(default), label=_label(f.name), info=info, elem_id=elem_id)
+        return gr.Checkbox(value=bool(default), label=_label(f), info=info, elem_id=elem_id)
     if f.type == "list":
-        return gr.Textbox(value="\n".join(default or []), lines=2, label=_label(f.name),
+        return gr.Textbox(value="\n".join(default or []), lines=2, label=_label(f),
                           info=info + " One per line.", elem_id=elem_id)
     if f.type == "str":
-        return gr.Textbox(value=default or "", label=_label(f.name), info=info, elem_id=elem_id)
+        return gr.Textbox(value=default or "", label=_label(f), info=info, elem_id=elem_id)
     unset = default is None  # preset keys: 0 means "the model family's preset"
-    return gr.Number(value=0 if unset else default, label=_label(f.name),
+    # no minimum/maximum: Gradio's own range toast does not say which field; the config's check names it
+    return gr.Number(value=0 if unset else default, label=_label(f),
                      info=info + (" 0 = the model family's preset." if unset else ""), elem_id=elem_id,
-                     minimum=0 if unset else meta["min"], maximum=meta["max"],
                      precision=0 if f.type == "int" else None)
 
 
@@ -158,7 +166,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 check = gr.Button("Check dataset", elem_id="lora_trainer_check")
                 report = gr.Markdown("", elem_id="lora_trainer_dataset_report")
 
-            with gr.Tab("2. Captions", elem_id="lora_trainer_tab_captions"):
+            with gr.Tab("2. Captions", elem_id="lora_trainer_tab_captions") as captions_tab:
                 with gr.Row():
                     caption_prefix = _component(caption_fields["prefix"], prefix=CAPTION_ID)
                     caption_existing = _component(caption_fields["existing"], prefix=CAPTION_ID)
@@ -206,7 +214,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                                 names.append(name)
                                 inputs.append(_component(fields[name], defaults.get(name)))
 
-            with gr.Tab("4. Train", elem_id="lora_trainer_tab_train"):
+            with gr.Tab("4. Train", elem_id="lora_trainer_tab_train") as train_tab:
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
                     interrupt_button = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
@@ -223,21 +231,24 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                                        interactive=False, label=f"LoRAs in {host.lora_dir()}",
                                        elem_id="lora_trainer_results")
                 with gr.Row():
-                    lora_name = gr.Textbox(label="LoRA name", elem_id="lora_trainer_result_name")
+                    lora_name = gr.Textbox(label="LoRA to test", elem_id="lora_trainer_result_name")
                     refresh_results = gr.Button("Refresh list", elem_id="lora_trainer_refresh_results", scale=0)
                     if host.can_send_to_txt2img:
                         send = gr.Button("Send to txt2img", elem_id="lora_trainer_send_txt2img", scale=0)
                 with gr.Row():
                     test_prompt = gr.Textbox(label="Test prompt", elem_id="lora_trainer_test_prompt")
-                    test_negative = gr.Textbox(label="Negative prompt", elem_id="lora_trainer_test_negative")
+                    test_negative = gr.Textbox(label="Test negative prompt", elem_id="lora_trainer_test_negative")
                 with gr.Row():
-                    test_strengths = gr.Textbox(label="Strengths", value="0, 0.5, 1",
+                    test_strengths = gr.Textbox(label="Test strengths", value="0, 0.5, 1",
                                                 elem_id="lora_trainer_test_strengths")
-                    test_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0,
-                                          elem_id="lora_trainer_test_seed")
-                    test_steps = gr.Number(label="Steps", value=20, precision=0, minimum=1, maximum=150,
-                                           elem_id="lora_trainer_test_steps")
+                    test_seed = gr.Number(label="Test seed", value=0, precision=0, elem_id="lora_trainer_test_seed")
+                    test_steps = gr.Number(label="Test steps", value=20, precision=0, elem_id="lora_trainer_test_steps")
+                    test_size = gr.Number(label="Test size", value=0, precision=0,
+                                          info="Image side in pixels; 0 = the resolution the LoRA was trained at.",
+                                          elem_id="lora_trainer_test_size")
                     test_button = gr.Button("Test", elem_id="lora_trainer_test")
+                test_task = gr.Textbox(visible=False, elem_id="lora_trainer_test_task")
+                gr.HTML('<div id="lora_trainer_test_progress"></div>')  # the WebUI's progress bar for the renders
                 test_status = gr.Markdown("", elem_id="lora_trainer_test_status")
                 test_grid = gr.Image(label="Same prompt and seed at each strength", type="pil", interactive=False,
                                      elem_id="lora_trainer_test_grid")
@@ -327,10 +338,24 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             try:
                 job = trainer.start(values)
             except LoraTrainerError as exc:
-                return f"**Not started:** {exc}", ""
+                return f"**Not started:** {_named(str(exc))}", ""
             return describe(job), f"task(lora_trainer-{job.id})"
 
-        def on_watch(_task: str = ""):
+        def on_follow(task: str):
+            """After a Train click: follow the job it started; a refused click keeps its message."""
+            if not task:
+                yield gr.update(), gr.update(), gr.update(), gr.update()
+                return
+            yield from on_watch()
+
+        def on_status():
+            """The job as it is now (page load): a reloaded page shows the running job, not an empty tab."""
+            job = trainer.job
+            if job is None:
+                return describe(None), None, [], result_rows()
+            return describe(job), loss_image(job), sample_images(job), result_rows()
+
+        def on_watch():
             """Stream the job's status until it ends (the page can be closed: training goes on)."""
             shown = -1
             while True:
@@ -375,17 +400,19 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             except (IndexError, KeyError):
                 return ""
 
-        def on_test(name, prompt, negative, strengths, seed, steps, *args):
+        def on_test(name, prompt, negative, strengths, seed, steps, size, task, *args):
             from lora_trainer.ui.render import parse_strengths
 
             name = (name or (trainer.job.name if trainer.job else "")).strip()
             if not name:
                 return "Pick a LoRA from the list or type its name.", None
+            if not 1 <= int(steps or 20) <= 150 or int(seed or 0) < 0 or not 0 <= int(size or 0) <= 4096:
+                return "**Problem:** Test steps must be 1 to 150, Test seed 0 or more, Test size 0 to 4096.", None
             try:
                 weights = parse_strengths(strengths)
                 grid = host.run_exclusive(lambda: host.test_grid(
                     name, prompt or "", negative or "", weights, int(seed or 0), int(steps or 20),
-                    base_model=args[0].strip() if args else ""))
+                    size=int(size or 0), base_model=args[0].strip() if args else ""), task=task or "")
             except LoraTrainerError as exc:
                 return f"**Problem:** {exc}", None
             return f"{name} at strengths {', '.join(f'{w:g}' for w in weights)}.", grid
@@ -395,6 +422,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         check.click(on_check, [folder, inputs[names.index("trigger_word")]], [report])
         show_outputs = [gallery, image_paths, tags, caption_status]
         show_captions.click(on_show_captions, [folder], show_outputs)
+        captions_tab.select(on_show_captions, [folder], show_outputs)
         caption_button.click(on_caption, [folder, caption_prefix, caption_existing, caption_model, *caption_extra],
                              [caption_status, gallery, image_paths, tags])
         gallery.select(on_select, [image_paths], [selected, caption_edit])
@@ -405,17 +433,20 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         started = train_button.click(on_train, [folder, *base_inputs, *inputs], [status, task_id])
         # the host's own progress bar (the WebUI's requestProgress) follows the job too, from the same step
         progress_js = getattr(host, "progress_js", None)
-        started.then(on_watch, [task_id], watch_outputs, **(_js_kwarg(progress_js) if progress_js else {}))
+        started.then(on_follow, [task_id], watch_outputs, **(_js_kwarg(progress_js) if progress_js else {}))
         watch_button.click(on_watch, None, watch_outputs)
+        train_tab.select(on_watch, None, watch_outputs)
         interrupt_button.click(on_interrupt, None, [status])
         refresh_results.click(result_rows, None, [results])
         results.select(on_pick_result, [results], [lora_name])
-        test_button.click(on_test, [lora_name, test_prompt, test_negative, test_strengths, test_seed, test_steps,
-                                    *base_inputs], [test_status, test_grid])
+        test_inputs = [lora_name, test_prompt, test_negative, test_strengths, test_seed, test_steps, test_size,
+                       test_task, *base_inputs]
+        test_js = getattr(host, "test_progress_js", None)  # the host's progress bar follows the renders
+        test_button.click(on_test, test_inputs, [test_status, test_grid], **(_js_kwarg(test_js) if test_js else {}))
         if host.can_send_to_txt2img:
             js = "(name) => { loraTrainerSendToTxt2img(name); return [name]; }"
             send.click(None, [lora_name], [lora_name], **_js_kwarg(js))
-        blocks.load(result_rows, None, [results])
+        blocks.load(on_status, None, watch_outputs)
     return blocks
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lora_trainer.config import TrainConfig, make_config, safe_name
+from lora_trainer.config import TrainConfig, make_config, renamed_note, safe_name, step_name
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.events import CancelToken, Event, Listener
 
@@ -62,6 +62,7 @@ class JobStatus:
     saved: list[str] = field(default_factory=list)
     lora_file: str | None = None
     message: str = ""
+    notice: str = ""  # what the job changed in what the user typed (a name that would have left its folder)
     data_summary: str = ""
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -91,19 +92,28 @@ class Trainer:
     def start(self, values: dict[str, Any]) -> JobStatus:
         """Check `values` (form or API config) and start training in the background.
 
-        Raises ConfigError with the key's name for a bad value and BusyError while a job runs; in both
-        cases nothing has been started.
+        Raises ConfigError with the key's name for a bad value, DatasetError for a missing, empty or unusable
+        image folder, and BusyError while a job runs; in every case nothing has been started.
         """
         with self._lock:
             if self.job is not None and self.job.running:
                 raise BusyError(f"A training job is already running ({self.job.name}, step {self.job.step} of "
                                 f"{self.job.total}). Interrupt it or wait for it to finish.")
-            values = self.host.prepare({k: v for k, v in values.items() if v is not None})
+            values = {k: v for k, v in values.items() if v is not None}
+            typed = str(values.get("output_name", "")).strip()
+            if typed:  # cleaned before the host derives folders from it
+                values["output_name"] = safe_name(typed)
+            values = self.host.prepare(values)
             config = make_config(values)
             if not config.output_name:
                 raise LoraTrainerError("Give the LoRA a name.")
+            if config.model_type == "image":
+                check_images(config)
             self._cancel = CancelToken()
-            self.job = JobStatus(id=uuid.uuid4().hex[:12], name=safe_name(config.output_name))
+            self.job = JobStatus(id=uuid.uuid4().hex[:12], name=config.output_name,
+                                 notice=renamed_note(typed, config.output_name) if typed else "")
+            if self.job.notice:
+                log.warning("LoRA Train: %s", self.job.notice)
             self._thread = threading.Thread(target=self._run, args=(self.job, config, self._cancel),
                                             name="lora_trainer-job", daemon=True)
             self._thread.start()
@@ -149,7 +159,7 @@ class Trainer:
                     else "Training ended without a LoRA."
                 return
             job.state = "saving"
-            name = job.name if not result.interrupted else f"{job.name}-step{result.steps:06d}"
+            name = job.name if not result.interrupted else step_name(job.name, result.steps)
             job.lora_file = str(self.host.publish(Path(result.lora_file), name))
             job.state = "interrupted" if result.interrupted else "done"
             job.message = (f"Interrupted at step {result.steps} of {result.total_steps}; the LoRA so far is "
@@ -192,6 +202,35 @@ class Trainer:
             job.saved.append(str(data["path"]))
 
 
+class _OtherThreadsOnly(logging.Filter):
+    """Drops the records of the thread that made it: the run logs the same findings again when it starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+def check_images(config: TrainConfig) -> None:
+    """Refuse a missing, empty or wholly unusable image folder before a job is accepted (DatasetError)."""
+    from lora_trainer.data import scan_dataset
+
+    if not config.train_data_dir.strip():
+        from lora_trainer.errors import DatasetError
+
+        raise DatasetError("Give the folder that holds your training images (train_data_dir).")
+    quiet = _OtherThreadsOnly()
+    logger = logging.getLogger("lora_trainer.data.images")
+    logger.addFilter(quiet)
+    try:
+        scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
+                     missing_caption=config.missing_caption, trigger_word=config.trigger_word)
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _release_memory() -> None:
     import gc
 
@@ -216,7 +255,9 @@ def describe(job: JobStatus | None) -> str:
     if job.eta_seconds is not None and job.running and job.state == "training":
         parts.append(f"ETA {_clock(job.eta_seconds)}")
     line = " · ".join(parts)
-    return f"{line}\n\n{job.message}" if job.message else line
+    for extra in (job.message, job.notice):
+        line += f"\n\n{extra}" if extra else ""
+    return line
 
 
 def _clock(seconds: float) -> str:

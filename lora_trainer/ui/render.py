@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -19,6 +21,22 @@ def parse_strengths(text: str) -> list[float]:
     if not weights or any(not math.isfinite(w) for w in weights):
         raise ConfigError("Give at least one LoRA strength, e.g. 0, 0.5, 1.")
     return weights
+
+
+def trained_size(lora_file: str | Path) -> int | None:
+    """The resolution a LoRA was trained at, from its metadata (ours and kohya's); None when it does not say."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora_file), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, ValueError, RuntimeError):
+        return None
+    for key, pattern in (("modelspec.resolution", r"(\d+)x(\d+)"), ("ss_resolution", r"\(?(\d+),\s*(\d+)")):
+        found = re.match(pattern, metadata.get(key, "").strip())
+        if found:
+            return round(math.sqrt(int(found[1]) * int(found[2])))
+    return None
 
 
 def labelled_grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
@@ -46,7 +64,7 @@ def render_strengths(base_model: str, lora_file: str, prompt: str, negative: str
     pipe = backbone.sampling_pipeline()
     pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    size = (size or PRESETS[backbone.family]["resolution"]) // 8 * 8
+    size = (size or trained_size(lora_file) or PRESETS[backbone.family]["resolution"]) // 8 * 8
     images = []
     with torch.no_grad():
         for weight in strengths:
