@@ -152,8 +152,10 @@ def webui(tmp_path, monkeypatch, sd1_checkpoint):
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)
 
     def restore_from_backup(module):
+        """As the WebUI's networks.restore_weights_backup: a plain in-place copy into the parameter itself, which
+        autograd refuses for a parameter that requires grad unless grad mode is off."""
         calls["restore"].append(module)
-        module.weight.data.copy_(module.network_weights_backup)
+        module.weight.copy_(module.network_weights_backup)
 
     networks = types.SimpleNamespace(loaded_networks=["stale"], network_restore_weights_from_backup=restore_from_backup,
                                      list_available_networks=lambda: calls["refresh"].append(True))
