@@ -20,6 +20,7 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -130,16 +131,7 @@ def _render(url: str, prompt: str) -> np.ndarray:
 
 def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
     url = webui["url"]
-    data = tmp_path / "blobs"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        pixels = np.zeros((64, 64, 3), np.uint8)
-        pixels[..., 0] = 200
-        pixels[16:48, 16:48] = rng.integers(0, 255, 3)
-        Image.fromarray(pixels).save(data / f"blob{i}.png")
-        (data / f"blob{i}.txt").write_text("zkblob, a red square")
-
+    data = _blobs(tmp_path / "blobs")
     base = _render(url, "zkblob, a red square")
     config = {"train_data_dir": str(data), "output_name": "webui_real", "resolution": 64, "enable_buckets": False,
               "batch_size": 2, "max_steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "lora_alpha": 4,
@@ -169,3 +161,65 @@ def test_train_in_the_webui_and_render_with_the_lora(webui, tmp_path):
     assert np.abs(with_lora - base).max() > 1, "the LoRA changed nothing"
     assert np.array_equal(at_zero, base)
     assert np.array_equal(after, base)  # the WebUI's model is as it was before training
+
+
+def _train(webui: dict, data: Path, name: str, steps: int = 4, **extra) -> dict:
+    config = {"train_data_dir": str(data), "output_name": name, "resolution": 64, "enable_buckets": False,
+              "batch_size": 2, "max_steps": steps, "learning_rate": 2e-3, "lora_rank": 4, "lora_alpha": 4,
+              "save_every_n_epochs": 0, "log_every_n_steps": 2, **extra}
+    job = _post(f"{webui['url']}/lora_trainer/train", {"config": config})
+    deadline = time.time() + 600
+    while (status := _get(f"{webui['url']}/lora_trainer/status"))["running"]:
+        assert time.time() < deadline, status
+        time.sleep(1)
+    assert status["state"] == "done", status["message"] + "\n" + webui["log"].read_text()[-3000:]
+    return {**status, "accepted": job}
+
+
+def test_train_render_with_the_lora_and_train_again(webui, tmp_path):
+    """The WebUI merges a rendered LoRA into the weights and restores them in place on parameters that require
+    grad: training after such a render failed ('a leaf Variable that requires grad ...') until a restart."""
+    url, data = webui["url"], _blobs(tmp_path / "blobs")
+    base = _render(url, "zkblob, a red square")
+    for round_ in range(3):
+        _train(webui, data, f"again{round_}")
+        assert np.abs(_render(url, f"zkblob, a red square <lora:again{round_}:1>") - base).max() > 1
+    _train(webui, data, "again_last")  # once more after the last LoRA render
+    assert np.array_equal(_render(url, "zkblob, a red square"), base)
+    assert "leaf Variable" not in webui["log"].read_text()
+
+
+def test_a_typed_name_never_leaves_the_webuis_folders(webui, tmp_path):
+    data = _blobs(tmp_path / "blobs")
+    outside = tmp_path / "outside"
+    for typed in ("../../../../../../" + str(outside).lstrip("/") + "/x1", str(outside / "x2")):
+        status = _train(webui, data, typed, steps=1)
+        name = Path(typed).name
+        assert status["name"] == name and status["accepted"]["notice"].startswith(f"The name {typed!r} was changed")
+        assert Path(status["lora_file"]) == webui["data_dir"] / "models" / "Lora" / f"{name}.safetensors"
+        for written in status["saved"]:
+            assert Path(written).is_relative_to(webui["data_dir"] / "outputs" / "lora_trainer" / name), written
+    assert not outside.exists()
+    assert "was changed to 'x1'" in webui["log"].read_text()
+
+
+def test_a_missing_or_empty_image_folder_is_refused_before_the_job_starts(webui, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, says in ((tmp_path / "nowhere", "does not exist"), (empty, "No images found")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(f"{webui['url']}/lora_trainer/train", {"config": {"train_data_dir": str(folder), "output_name": "x"}})
+        assert refused.value.code == 422
+        assert says in json.load(refused.value)["error"]
+
+
+def _blobs(folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[..., 0] = 200
+        pixels[16:48, 16:48] = rng.integers(0, 255, 3)
+        Image.fromarray(pixels).save(folder / f"blob{i}.png")
+        (folder / f"blob{i}.txt").write_text("zkblob, a red square", encoding="utf-8")
+    return folder
