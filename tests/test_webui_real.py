@@ -68,13 +68,21 @@ FORGE = bool(WEBUI) and (Path(WEBUI) / "modules_forge").is_dir()
 
 @pytest.fixture(scope="module", params=["sd1"] if FORGE else ["sd1", "sd2", "sdxl"])
 def webui(request, tmp_path_factory):
+    server = launch_webui(request.param, tmp_path_factory.mktemp(f"webui_{request.param}"))
+    # live previews would make SDXL's first render download its preview decoder; we show none anyway
+    _post(f"{server['url']}/sdapi/v1/options", {"live_previews_enable": False})
+    yield server
+    stop_webui(server)
+
+
+def launch_webui(family: str, data_dir: Path, *, ui: bool = False) -> dict:
+    """Start the WebUI on a tiny checkpoint of `family` with this extension linked into a fresh --data-dir;
+    `ui` serves the page too (the API-only tests use --nowebui)."""
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
     from lora_trainer.bench import real_shape_checkpoint
 
     webui = Path(WEBUI)
     python = os.environ.get("WEBUI_PYTHON", str(webui / "venv" / "bin" / "python"))
-    family = request.param
-    data_dir = tmp_path_factory.mktemp(f"webui_{family}")
     models = data_dir / "models" / "Stable-diffusion"
     models.mkdir(parents=True)
     if FORGE:  # Forge tells models apart by their full tensor shapes and reads no .yaml
@@ -94,8 +102,8 @@ def webui(request, tmp_path_factory):
     if FORGE:  # its UI mode (binds 127.0.0.1); its page files live in the checkout, outside --data-dir
         args += ["--always-cpu", "--gradio-allowed-path", str(webui)]
     else:
-        args += ["--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full", "--nowebui",
-                 "--server-name", "127.0.0.1"]
+        args += ["--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full", "--server-name", "127.0.0.1"]
+        args += [] if ui else ["--nowebui"]
     env = {**os.environ, "COMMANDLINE_ARGS": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log:
@@ -106,20 +114,23 @@ def webui(request, tmp_path_factory):
         try:
             _get(f"{url}/lora_trainer/status")
             _get(f"{url}/sdapi/v1/options")
+            if ui:
+                urllib.request.urlopen(url, timeout=30).read()
             break
         except OSError:
             if server.poll() is not None or time.time() > deadline:
                 server.kill()
                 pytest.fail(f"the WebUI did not start:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
-    # live previews would make SDXL's first render download its preview decoder; we show none anyway
-    _post(f"{url}/sdapi/v1/options", {"live_previews_enable": False})
-    yield {"url": url, "data_dir": data_dir, "log": log_path, "family": family}
-    server.terminate()
+    return {"url": url, "data_dir": data_dir, "log": log_path, "family": family, "process": server}
+
+
+def stop_webui(server: dict) -> None:
+    server["process"].terminate()
     try:
-        server.wait(30)
+        server["process"].wait(30)
     except subprocess.TimeoutExpired:
-        server.kill()
+        server["process"].kill()
 
 
 def _render(url: str, prompt: str) -> np.ndarray:
