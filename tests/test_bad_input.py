@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lora_trainer.backbones.sd import DiffusionBackbone, family_of
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import TrainConfig, load_config, make_config
 from lora_trainer.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from lora_trainer.hosts.cli import main
 from lora_trainer.lora import kohya
 from lora_trainer.lora.kohya import read_lora_file, save_lora_file
 from lora_trainer.train.events import CancelToken, Event
@@ -282,6 +284,90 @@ def test_lora_given_as_base_model_is_recognised(tmp_path: Path) -> None:
         family_of(lora)
 
     assert "style.safetensors" in str(info.value) and "init_lora" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def sd2_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA trained for one step on a tiny SD2 model (its module names are the tiny SD1 model's too)."""
+    folder = tmp_path_factory.mktemp("sd2")
+    checkpoint = build_tiny_checkpoint(folder / "tiny-sd2.safetensors", "sd2")
+    config = fast_config(checkpoint, write_dataset(folder / "data", count=2), folder / "out", max_steps=1,
+                         save_every_n_epochs=0)
+    return train_lora(config).lora_file
+
+
+def test_init_lora_of_another_family_is_refused_before_anything_starts(tiny_checkpoint: Path, sd2_lora: Path,
+                                                                       tmp_path: Path) -> None:
+    events: list[Event] = []
+    config = fast_config(tiny_checkpoint, write_dataset(tmp_path / "data"), tmp_path / "out", init_lora=str(sd2_lora))
+
+    with pytest.raises(CheckpointError) as info:
+        train_lora(config, listeners=[events.append])
+
+    assert str(info.value).startswith(f"init_lora {sd2_lora} is a LoRA for SD2.x models, but the base model is an "
+                                      "SD1.x model.")
+    assert events == [] and not (tmp_path / "out").exists()
+
+
+def test_init_lora_with_other_shapes_is_refused_before_caching(tiny_checkpoint: Path, sd2_lora: Path,
+                                                               tmp_path: Path) -> None:
+    unlabelled = tmp_path / "unlabelled.safetensors"
+    save_file(load_file(str(sd2_lora)), str(unlabelled))  # no metadata: the family is not written down
+    events: list[Event] = []
+    config = fast_config(tiny_checkpoint, write_dataset(tmp_path / "data"), tmp_path / "out", init_lora=str(unlabelled))
+
+    with pytest.raises(CheckpointError) as info:
+        train_lora(config, listeners=[events.append])
+
+    message = str(info.value)
+    assert message.startswith(f"init_lora {unlabelled} does not fit this SD1.x model: ")
+    assert "modules have other shapes" in message and "size mismatch" not in message and len(message) < 600
+    assert [e.kind for e in events] == ["start"]  # nothing was cached
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("width", "metadata", "family"), [
+    (1024, {"ss_base_model_version": "sd_v1"}, "sd2"),  # the shapes win over a wrong label
+    (768, {}, "sd1"),
+    (2048, {}, "sdxl"),
+    (64, {"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2"),
+    (64, {}, None),
+])
+def test_a_loras_family_comes_from_its_shapes_then_its_metadata(width: int, metadata: dict, family: str | None) -> None:
+    tensors = {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, width)}
+
+    assert kohya.lora_family(tensors, metadata) == family
+
+
+def test_a_base_model_given_as_a_lora_is_called_a_base_model(tiny_checkpoint: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    config = fast_config(tiny_checkpoint, write_dataset(tmp_path / "data"), tmp_path / "out",
+                         init_lora=str(tiny_checkpoint))
+
+    with pytest.raises(CheckpointError, match="is a base model .*, not a LoRA") as info:
+        train_lora(config)
+    assert "LoHa" not in str(info.value)
+
+    assert main(["inspect", str(tiny_checkpoint)]) == 2
+    assert f"{tiny_checkpoint.name} is a base model (a whole Stable Diffusion checkpoint), not a LoRA. Use it as " \
+           "base_model" in caplog.text
+
+
+def test_captions_in_a_legacy_encoding_or_not_text_do_not_stop_training(tiny_checkpoint: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    data = write_dataset(tmp_path / "data")
+    (data / "img1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # as older Windows editors save it
+    (data / "img2.txt").write_bytes(bytes(range(256)))  # not a caption at all
+    events: list[Event] = []
+
+    result = train_lora(fast_config(tiny_checkpoint, data, tmp_path / "out", max_steps=1), listeners=[events.append])
+
+    assert result.lora_file.is_file()
+    assert "café au lait" in json.loads(read_lora_file(result.lora_file)[1]["ss_tag_frequency"])["data"]
+    assert f"{data / 'img1.txt'} is not UTF-8; read it as Windows-1252" in caplog.text
+    summary = next(e for e in events if e.kind == "start").data["data_summary"]
+    assert "3 usable images" in summary
+    assert f"skipped {data / 'img2.png'}: its caption file img2.txt is not text" in summary
 
 
 # -- saving ------------------------------------------------------------------------------------------

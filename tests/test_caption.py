@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +134,97 @@ def test_a_blip_folder_loads_offline_and_a_missing_model_says_what_to_download(b
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
     with pytest.raises(CaptionError) as error:
         load_blip("Salesforce/blip-image-captioning-base")
+    assert "not in the Hugging Face cache, and HF_HUB_OFFLINE is set" in str(error.value)
     assert "config.json" in str(error.value) and "model.safetensors" in str(error.value)
     assert "huggingface.co/Salesforce/blip-image-captioning-base" in str(error.value)
+
+
+def test_default_model_without_cache_or_network_fails_in_seconds_with_one_message(tmp_path):
+    folder = _images(tmp_path / "data", 1)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "empty_cache"), HF_ENDPOINT="http://hub.invalid")  # no cache, no network
+    script = ("import sys, time\nfrom transformers import BlipForConditionalGeneration, BlipProcessor\n"
+              "from lora_trainer.hosts.cli import main\n"
+              f"start = time.perf_counter()\ncode = main(['caption', {str(folder)!r}, '--device', 'cpu'])\n"
+              "sys.stderr.write(f'SECONDS {time.perf_counter() - start:.1f}\\n')\nsys.exit(code)\n")
+
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90,
+                         check=False)
+
+    assert run.returncode == 2, run.stderr
+    *message, seconds = run.stderr.strip().splitlines()
+    assert float(seconds.split()[1]) < 5, run.stderr  # imports done: 0.1 s; minutes of retries (logged twice) before
+    assert message[0].startswith("ERROR Cannot load the BLIP model 'Salesforce/blip-image-captioning-base': it is "
+                                 "not in the Hugging Face cache, and the Hub cannot be reached (http://hub.invalid")
+    assert not [line for line in message[1:] if line.startswith(("ERROR", "WARNING", "INFO"))], run.stderr
+    assert "hf download Salesforce/blip-image-captioning-base" in message[1]
+    assert not list(folder.glob("*.txt"))
+
+
+def test_a_mistyped_blip_folder_is_named_not_looked_up_on_the_hub(tmp_path):
+    missing = tmp_path / "modles" / "blip-base"
+
+    with pytest.raises(CaptionError) as error:
+        load_blip(str(missing))
+
+    assert str(error.value).startswith(f"No BLIP model folder at {missing}. Check the path")
+    assert "huggingface.co/" not in str(error.value)
+
+
+def test_a_folder_of_only_broken_images_exits_2_like_training(blip, tmp_path, capsys, caplog):
+    from lora_trainer.hosts.cli import main
+
+    blip[0].save_pretrained(tmp_path / "blip")
+    blip[1].save_pretrained(tmp_path / "blip")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png at all")
+    (folder / "b.jpg").write_bytes(b"")
+
+    assert main(["caption", str(folder), "--model", str(tmp_path / "blip"), "--device", "cpu"]) == 2
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"None of the 2 images in {folder} can be used.")
+    assert f"skipped {folder / 'b.jpg'}: empty file (0 bytes)" in errors[0]
+    assert not list(folder.glob("*.txt"))
+
+
+def test_each_skipped_image_is_named_once(blip, tmp_path, capsys, caplog):
+    from lora_trainer.hosts.cli import main
+
+    blip[0].save_pretrained(tmp_path / "blip")
+    blip[1].save_pretrained(tmp_path / "blip")
+    folder = _images(tmp_path / "data", 2)
+    (folder / "broken.png").write_bytes(b"not an image")
+
+    assert main(["caption", str(folder), "--model", str(tmp_path / "blip"), "--device", "cpu"]) == 0
+
+    shown = capsys.readouterr().out + caplog.text
+    assert shown.count("broken.png") == 1
+    assert "2 captioned" in shown and "1 skipped" in shown
+
+
+def test_captioning_into_metadata_warns_when_caption_files_win(blip, tmp_path, caplog):
+    folder = _images(tmp_path / "data", 3)
+    for image in ("img0.png", "img1.png"):
+        (folder / image).with_suffix(".txt").write_text("old caption", encoding="utf-8")
+
+    with caplog.at_level(logging.WARNING):
+        result = caption_folder(folder, _config(output="csv", existing="overwrite"), model=blip[0], processor=blip[1])
+
+    assert len(result.captioned) == 3
+    warnings = [r.getMessage() for r in caplog.records if "training reads before" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"2 of the captioned images also have a caption file (e.g. {folder / 'img0.txt'})")
+    assert "metadata.csv" in warnings[0]
+
+
+def test_captioning_progress_starts_at_zero(blip, tmp_path):
+    events = []
+    caption_folder(_images(tmp_path / "data", 3), _config(), model=blip[0], processor=blip[1], listeners=[events.append])
+
+    progress = [(e.step, e.total) for e in events if e.kind == "progress"]
+    assert progress == [(0, 3), (2, 3), (3, 3)]
 
 
 def test_review_lists_edits_replaces_and_counts_tags(tmp_path):

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import config_fields, make_config
 from lora_trainer.hosts.cli import main
-from lora_trainer.lora.kohya import read_lora_file
+from lora_trainer.lora.kohya import read_lora_file, save_lora_file
 from lora_trainer.train.events import CancelToken, Event
 from lora_trainer.train.loop import train_lora
 
@@ -144,6 +151,83 @@ def test_resume_continues_an_interrupted_run(tiny_checkpoint: Path, noise_images
     assert lora.is_file()
     assert read_lora_file(lora)[1]["ss_steps"] == "4"
     assert "<lora:ink:" in capsys.readouterr().out
+
+
+def test_ctrl_c_prints_the_exact_command_that_resumes(tiny_checkpoint: Path, noise_images: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    config_file = write_yaml(tmp_path / "run.yaml", {**fast_values(tiny_checkpoint, noise_images, out), "max_steps": 4,
+                                                     "output_name": "ink"})
+    calls = []
+
+    def ctrl_c_in_step_3(backbone, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict(backbone, *args, **kwargs)
+
+    predict = DiffusionBackbone.predict
+    monkeypatch.setattr(DiffusionBackbone, "predict", ctrl_c_in_step_3)
+    assert main(["train", "--config", str(config_file)]) == 130
+
+    last = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR][-1]
+    assert last == f"Stopped. Continue with: python -m lora_trainer train --resume {out}"
+    monkeypatch.undo()
+    assert main(last.split("python -m lora_trainer ", 1)[1].split()) == 0
+    assert read_lora_file(out / "ink.safetensors")[1]["ss_steps"] == "4"
+
+
+def test_a_finished_run_continues_with_more_steps(tiny_checkpoint: Path, noise_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    config_file = write_yaml(tmp_path / "run.yaml", {**fast_values(tiny_checkpoint, noise_images, out), "max_steps": 2,
+                                                     "save_every_n_epochs": 0, "output_name": "ink"})
+
+    assert main(["train", "--config", str(config_file)]) == 0
+    assert (out / "checkpoints" / "step-00000002" / "state.pt").is_file()  # "0 = only at the end"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["ink.safetensors"]
+
+    assert main(["train", "--resume", str(out), "--set", "max_steps=4"]) == 0
+    assert read_lora_file(out / "ink.safetensors")[1]["ss_steps"] == "4"
+
+
+def test_progress_bars_time_only_real_work_and_skipped_files_are_named_once(
+        tiny_checkpoint: Path, noise_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    data = shutil.copytree(noise_images, tmp_path / "noise")
+    (data / "broken.png").write_bytes(b"not a png")
+    config_file = write_yaml(tmp_path / "run.yaml", {**fast_values(tiny_checkpoint, data, tmp_path / "out"),
+                                                     "max_steps": 2})
+
+    assert main(["train", "--config", str(config_file)]) == 0
+
+    shown = capsys.readouterr()
+    frames = [f.strip() for f in re.split(r"[\r\n]", shown.err) if f.startswith(("caching", "training"))]
+    for phase, unit in (("caching", "img"), ("training", "step")):
+        first = next(f for f in frames if f.startswith(phase))
+        assert re.search(rf"\b0/\d+ \[00:00<\?, \?{unit}/s\]", first), first  # 0%, no rate before any work
+    rates = [float(rate) for rate in re.findall(r"([\d.]+)(?:img|step)/s", shown.err)]
+    assert rates and max(rates) < 10_000, frames  # the first update showed 239674 img/s before
+    assert "broken.png" not in shown.out
+    assert len([r for r in caplog.records if "broken.png" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("command", ["train --help-config", "inspect LORA"])
+def test_output_into_a_closed_pipe_ends_without_a_traceback(command: str, tmp_path: Path) -> None:
+    lora = save_lora_file(tmp_path / "style.safetensors", {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)}, {"ss_output_name": "style"})
+    read, write = os.pipe()
+    process = subprocess.Popen([sys.executable, "-m", "lora_trainer", *command.replace("LORA", str(lora)).split()],
+                               stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)  # like `| head` that stopped reading
+
+    _, errors = process.communicate(timeout=120)
+
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+    assert process.returncode == 141
 
 
 def test_resume_without_checkpoint_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -110,6 +110,56 @@ def test_sidecar_caption_beats_metadata(tmp_path: Path) -> None:
     assert captions_by_name(scan_dataset(tmp_path)) == {"a.png": "from sidecar"}
 
 
+def test_caption_file_and_different_metadata_caption_warn_and_the_file_wins(tmp_path: Path, caplog) -> None:
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png")
+    write_caption(tmp_path / "a.txt", "old caption")
+    write_caption(tmp_path / "b.txt", "same caption")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,new caption\nb.png,same caption\nc.png,only here\n")
+
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.data.images"):
+        scan = scan_dataset(tmp_path)
+
+    assert captions_by_name(scan) == {"a.png": "old caption", "b.png": "same caption", "c.png": "only here"}
+    warnings = [r.getMessage() for r in caplog.records if "metadata.csv/jsonl caption" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("1 images have a caption file and a different") and "(a.png)" in warnings[0]
+
+
+def test_legacy_encoded_captions_are_read_and_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    for name in ("good0", "good1", "bom", "notepad"):
+        write_image(tmp_path / f"{name}.png")
+    write_caption(tmp_path / "good0.txt", "plain")
+    (tmp_path / "good1.txt").write_bytes("caf\xe9, cr\xe8me".encode("latin-1"))  # an older Windows editor
+    (tmp_path / "bom.txt").write_bytes("\ufeffüber".encode())
+    (tmp_path / "notepad.txt").write_text("naïve", encoding="utf-16")  # Notepad's "Unicode"
+
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.data.images"):
+        scan = scan_dataset(tmp_path)
+
+    assert captions_by_name(scan) == {"good0.png": "plain", "good1.png": "café, crème", "bom.png": "über",
+                                      "notepad.png": "naïve"}
+    assert scan.skipped == []
+    legacy = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(legacy) == 1 and str(tmp_path / "good1.txt") in legacy[0] and "café" in legacy[0]
+
+
+def test_a_caption_file_that_is_not_text_skips_only_its_image(tmp_path: Path) -> None:
+    write_image(tmp_path / "good.png")
+    write_caption(tmp_path / "good.txt", "a cat")
+    write_image(tmp_path / "binary.png")
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+
+    scan = scan_dataset(tmp_path)
+
+    assert captions_by_name(scan) == {"good.png": "a cat"}
+    (path, reason), = scan.skipped
+    assert path == tmp_path / "binary.png"
+    assert reason == "its caption file binary.txt is not text (binary data or an unknown encoding); save it as UTF-8 " \
+                     "text or remove it"
+    assert "skipped " + str(tmp_path / "binary.png") in scan.summary()
+
+
 def test_metadata_without_text_column_is_refused(tmp_path: Path) -> None:
     write_image(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_text("file_name,label\na.png,1\n")

@@ -10,7 +10,10 @@ import gc
 import json
 import logging
 import os
+import re
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,7 +23,7 @@ import torch
 
 from lora_trainer.caption.store import CaptionWriter, write_text_atomic
 from lora_trainer.config import CaptionConfig
-from lora_trainer.data.images import current_captions, find_images, load_image
+from lora_trainer.data.images import UnusableImage, current_captions, find_images, load_image, sidecar_files
 from lora_trainer.errors import ConfigError, DatasetError, LoraTrainerError
 from lora_trainer.train.events import CancelToken, EventBus, Listener
 
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = ".lora_trainer_captioning.json"
 NEEDED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json",
                 "tokenizer.json (or vocab.txt)", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"; anything else is a path
+HUB_PROBE_SECONDS = 5
 
 
 class CaptionError(LoraTrainerError):
@@ -52,28 +58,75 @@ class CaptionResult:
 
 
 def load_blip(name: str, *, allow_pickle: bool = False):
-    """BLIP model and processor from a local folder or the Hugging Face cache, without hanging offline."""
+    """BLIP model and processor from a local folder or the Hugging Face cache; downloaded only when the Hub
+    answers at once, so an offline computer gets one clear error in seconds instead of minutes of retries."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            return _from_pretrained(str(path), local_only=True, allow_pickle=allow_pickle)
+        except Exception as exc:  # noqa: BLE001 - file and format errors all mean "not a usable BLIP folder"
+            raise CaptionError(f"Cannot load the BLIP model from the folder {path}: {_first_line(exc)}\n"
+                               f"A BLIP folder needs: {', '.join(NEEDED_FILES)}. Download them from "
+                               f"https://huggingface.co/{DEFAULT_MODEL} into it.") from None
+    if not _HUB_ID.fullmatch(name):
+        raise CaptionError(f"No BLIP model folder at {path.absolute()}. Check the path, or give a Hugging Face "
+                           f"model id such as {DEFAULT_MODEL}.")
+    try:
+        return _from_pretrained(name, local_only=True, allow_pickle=allow_pickle)
+    except Exception as exc:  # noqa: BLE001 - not (completely) in the cache: download it below, if we can
+        log.debug("%s is not (completely) in the Hugging Face cache: %s", name, _first_line(exc))
+    if _offline():
+        raise _not_downloadable(name, "it is not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+    unreachable = _hub_unreachable(name)
+    if unreachable:
+        raise _not_downloadable(name, f"it is not in the Hugging Face cache, and the Hub cannot be reached ({unreachable})")
+    try:
+        return _from_pretrained(name, local_only=False, allow_pickle=allow_pickle)
+    except Exception as exc:  # noqa: BLE001 - hub, file and format errors all mean "not available here"
+        raise _not_downloadable(name, f"downloading it failed ({_first_line(exc)})") from None
+
+
+def _from_pretrained(source: str, *, local_only: bool, allow_pickle: bool):
+    """The BLIP model (in eval mode) and processor of a folder or Hub id."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    path = Path(name).expanduser()
-    source = str(path) if path.is_dir() else name
-    options = {"use_safetensors": None if allow_pickle else True}
-    attempts = [True] if path.is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
-    error: Exception | None = None
-    for local_only in attempts:
-        try:
-            processor = BlipProcessor.from_pretrained(source, local_files_only=local_only)
-            model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only, **options)
-            return model.eval(), processor
-        except Exception as exc:  # noqa: BLE001 - hub, file and format errors all mean "not available here"
-            error = exc
-    where = f"the folder {path}" if path.is_dir() else f"'{name}' (not in the Hugging Face cache, and it could not be downloaded)"
-    raise CaptionError(
-        f"Cannot load the BLIP model from {where}: {str(error).splitlines()[0][:200]}\n"
-        f"A BLIP folder needs: {', '.join(NEEDED_FILES)}. Download them from "
-        f"https://huggingface.co/{name if not path.is_dir() else 'Salesforce/blip-image-captioning-base'} "
-        "into a folder and pass that folder as the model (or set HF_HOME to a cache that has it)."
+    processor = BlipProcessor.from_pretrained(source, local_files_only=local_only)
+    model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only,
+                                                         use_safetensors=None if allow_pickle else True)
+    return model.eval(), processor
+
+
+def _offline() -> bool:
+    """Whether the user switched the Hugging Face Hub off (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable(name: str) -> str | None:
+    """Why the Hugging Face Hub does not answer one quick request (None when it answers at all)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        request = urllib.request.Request(f"{endpoint}/{name}/resolve/main/config.json", method="HEAD")
+        urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None  # it answered: what it said (no such model, log in) comes back from the download
+    except (OSError, ValueError) as exc:  # no network, no DNS, a firewall, a timeout
+        return f"{endpoint}: {getattr(exc, 'reason', exc)}"
+    return None
+
+
+def _not_downloadable(name: str, why: str) -> CaptionError:
+    """The error for a Hub model that is neither cached nor downloadable now, saying how to get it."""
+    return CaptionError(
+        f"Cannot load the BLIP model '{name}': {why}.\n"
+        f"Download it once on a computer with internet: `hf download {name}` (older huggingface_hub: "
+        f"`huggingface-cli download {name}`) fills the Hugging Face cache (~/.cache/huggingface, or HF_HOME), or save "
+        f"{', '.join(NEEDED_FILES)} from https://huggingface.co/{name} into a folder and pass that folder as the model."
     )
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an error message, shortened."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _device_and_dtype(config: CaptionConfig) -> tuple[torch.device, torch.dtype]:
@@ -141,6 +194,7 @@ def caption_folder(folder: str | Path, config: CaptionConfig | None = None, *, m
     workers = config.workers or min(16, os.cpu_count() or 2)
     start = time.perf_counter()
     pending: deque[list[tuple[Path, Future]]] = deque()
+    bus.emit("progress", 0, len(todo), phase="captioning")  # the work starts now: progress bars time from here
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode") as pool:
             for number in range(len(batches)):
@@ -156,8 +210,9 @@ def caption_folder(folder: str | Path, config: CaptionConfig | None = None, *, m
                         pixels.append(future.result())
                         ready.append(path)
                     except (DatasetError, OSError, ValueError) as exc:
-                        result.skipped.append((path, str(exc)))
-                        log.warning("Skipped %s: %s", path, exc)
+                        reason = exc.reason if isinstance(exc, UnusableImage) else str(exc)
+                        result.skipped.append((path, reason))
+                        log.warning("Skipped %s: %s", path, reason)
                 if ready:
                     texts = _generate(model, processor, torch.stack(pixels), prompt_ids, generation, device, dtype,
                                       config.seed + number)
@@ -184,6 +239,18 @@ def caption_folder(folder: str | Path, config: CaptionConfig | None = None, *, m
                 torch.cuda.empty_cache()
     if not result.interrupted:
         progress_file.unlink(missing_ok=True)
+    if result.skipped and not result.captioned and not result.kept and not result.interrupted:
+        listed = "\n".join(f"  skipped {path}: {reason}" for path, reason in result.skipped[:10])
+        more = f"\n  ... and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        raise DatasetError(f"None of the {len(images)} images in {folder} can be used.\n{listed}{more}\n"
+                           "Fix or replace these files, then caption again.")
+    if writer.metadata_file is not None:
+        shadowed = [path for path in result.captioned if sidecar_files(path, config.caption_extension)]
+        if shadowed:
+            log.warning("%d of the captioned images also have a caption file (e.g. %s), which training reads before "
+                        "%s: delete those files to train on the new captions, or caption with output: txt.",
+                        len(shadowed), sidecar_files(shadowed[0], config.caption_extension)[0],
+                        writer.metadata_file.name)
     bus.emit("done", len(result.captioned), len(todo), captioned=len(result.captioned), kept=len(result.kept),
              skipped=[str(p) for p, _ in result.skipped], interrupted=result.interrupted)
     return result

@@ -83,6 +83,8 @@ def encode_dataset(items: list[ImageItem], buckets: list[tuple[int, int]], encod
     for index, bucket in enumerate(buckets):
         by_bucket.setdefault(bucket, []).append(index)
     done = 0
+    if on_progress:
+        on_progress(0, len(items))  # the encoding starts now: progress bars time from here
     for bucket, indices in by_bucket.items():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]

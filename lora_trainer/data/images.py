@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -35,6 +36,8 @@ _MODE_NAMES = {
     "1": "1-bit black and white converted to RGB",
 }
 _LISTED = 10
+# control characters other than tab, newline and carriage return: a file holding them is not a caption
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # What Pillow's decoders raise on damaged data (Pillow itself treats the same types as "not this format").
 _DECODE_ERRORS = (
     OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
@@ -81,6 +84,14 @@ class _Unusable(Exception):
     """An image file that cannot be trained on; the message is the reason, in the user's words."""
 
 
+class UnusableImage(DatasetError):
+    """An image file that cannot be used; `reason` says why in the user's words (without the path)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Cannot use image {path}: {reason}. Replace the file or remove it from the folder.")
+        self.reason = reason
+
+
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert a decoded image to 8-bit RGB and say what was changed (None when it was RGB already)."""
     mode = image.mode
@@ -101,7 +112,7 @@ def load_image(path: Path) -> Image.Image:
     try:
         return _read_image(Path(path))[0]
     except _Unusable as err:
-        raise DatasetError(f"Cannot use image {path}: {err}. Replace the file or remove it from the folder.") from None
+        raise UnusableImage(path, str(err)) from None
 
 
 def scan_dataset(
@@ -136,6 +147,7 @@ def scan_dataset(
     metadata = _read_metadata(root)
     fallback = _with_trigger(trigger_word.strip() if missing_caption == "trigger" else "", trigger_word)
     scan = DatasetScan()
+    disagreeing: list[Path] = []
     # Decoders release the GIL, so threads check a large folder several times faster.
     with ThreadPoolExecutor() as pool:
         checks = list(pool.map(_check_image, (path for path, _ in candidates)))
@@ -145,9 +157,17 @@ def scan_dataset(
         if problem is not None:
             scan.skipped.append((path, problem))
             continue
+        try:
+            sidecar = _sidecar_caption(path, caption_extension)
+        except _Unusable as err:
+            scan.skipped.append((path, str(err)))
+            continue
         if note:
             scan.converted.append((path, note))
-        caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
+        listed = metadata.get(_key(path), "")
+        if sidecar and listed and sidecar != listed:
+            disagreeing.append(path)
+        caption = sidecar or listed
         if not caption:
             scan.uncaptioned.append(path)
             caption = fallback
@@ -166,6 +186,11 @@ def scan_dataset(
         )
     for path, reason in scan.skipped:
         logger.warning("Skipped %s: %s", path, reason)
+    if disagreeing:
+        listed = ", ".join(path.name for path in disagreeing[:3]) + (" ..." if len(disagreeing) > 3 else "")
+        logger.warning("%d images have a caption file and a different metadata.csv/jsonl caption (%s); the caption "
+                       "files are used. Delete those caption files to train on the metadata captions.",
+                       len(disagreeing), listed)
     if scan.uncaptioned:
         logger.warning("%d images have no caption and train on %r", len(scan.uncaptioned), fallback)
     logger.info("Scanned %s: %s", root, scan.summary().splitlines()[0])
@@ -248,22 +273,50 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.normpath(path))
 
 
-def _read_text(path: Path) -> str:
-    """A text file's contents as UTF-8 (a BOM is tolerated), or DatasetError naming the file."""
+def _decode_text(path: Path) -> str:
+    """A text file's contents: UTF-8 (BOM or not), UTF-16 with a BOM, else Windows-1252 (what older Windows
+    editors save) with a warning naming the file; _Unusable when it cannot be read or is not text at all."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"Cannot read {path} ({err}). Save it as UTF-8 text or remove it.") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise _Unusable(f"cannot be read ({err.strerror})") from None
+    legacy = False
+    try:
+        text = data.decode("utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig")
+    except UnicodeDecodeError:
+        text, legacy = data.decode("cp1252", errors="replace"), True
+    if _NOT_TEXT.search(text) or legacy and "\ufffd" in text:
+        raise _Unusable("is not text (binary data or an unknown encoding); save it as UTF-8 text or remove it")
+    if legacy:
+        logger.warning("%s is not UTF-8; read it as Windows-1252: %r. Save it as UTF-8 if that looks wrong.",
+                       path, text.strip()[:80])
+    return text
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents (see _decode_text), or DatasetError naming the file."""
+    try:
+        return _decode_text(path)
+    except _Unusable as err:
+        raise DatasetError(f"Cannot read {path}: it {err}.") from None
+
+
+def sidecar_files(image_path: Path, caption_extension: str = ".txt") -> list[Path]:
+    """The caption files beside an image, in the order training reads them (before metadata.csv/jsonl)."""
+    extensions = dict.fromkeys((caption_extension, ".caption", ".txt"))
+    return [path for path in (image_path.parent / (image_path.stem + e) for e in extensions) if path.is_file()]
 
 
 def _sidecar_caption(image_path: Path, caption_extension: str) -> str:
-    """The first non-empty caption among `<stem><caption_extension>`, `<stem>.caption` and `<stem>.txt`."""
-    for extension in dict.fromkeys((caption_extension, ".caption", ".txt")):
-        sidecar = image_path.parent / (image_path.stem + extension)
-        if sidecar.is_file():
-            caption = _read_text(sidecar).strip()
-            if caption:
-                return caption
+    """The first non-empty caption among `<stem><caption_extension>`, `<stem>.caption` and `<stem>.txt`;
+    _Unusable (naming the file) when that file is not text."""
+    for sidecar in sidecar_files(image_path, caption_extension):
+        try:
+            caption = _decode_text(sidecar).strip()
+        except _Unusable as err:
+            raise _Unusable(f"its caption file {sidecar.name} {err}") from None
+        if caption:
+            return caption
     return ""
 
 
@@ -329,7 +382,11 @@ def current_captions(folder: str | Path, images: list[Path], caption_extension: 
     metadata = _read_metadata(Path(folder).expanduser().absolute())
     found = {}
     for path in images:
-        caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
+        try:
+            caption = _sidecar_caption(path, caption_extension) or metadata.get(_key(path), "")
+        except _Unusable as err:
+            logger.warning("%s has no usable caption: %s", path, err)
+            continue
         if caption:
             found[path] = caption
     return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class ProgressBar:
         self.bar = None
         self.phase = None
         self.enabled = enabled
+        self.stopped_checkpoint: str | None = None  # where a Ctrl-C saved the steps done
 
     def __call__(self, event: Event) -> None:
         """Update the bar from one event."""
@@ -34,23 +36,29 @@ class ProgressBar:
             phase = event.data.get("phase", "training")
             if "images_per_second" in event.data and self.bar is not None:
                 self.bar.set_postfix(images_per_s=f"{event.data['images_per_second']:.1f}")
-            if phase != self.phase:
+            if phase != self.phase or self.bar is None:
                 self.close()
                 self.phase = phase
-                self.bar = tqdm(total=event.total, desc=phase, unit="step" if phase == "training" else "img",
-                                dynamic_ncols=True)
+                # the work done before this event (a resumed run's steps) does not count towards the rate
+                self.bar = tqdm(total=event.total, initial=event.step, desc=phase, dynamic_ncols=True,
+                                unit="step" if phase == "training" else "img")
             self.bar.n = event.step
             self.bar.refresh()
+            if phase != "training" and event.step >= event.total:
+                self.close()  # caching or captioning is done: its time and rate stop here
         elif event.kind == "loss" and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
         elif event.kind == "saved":
             self._write(f"saved {event.data['path']}")
+            if event.data.get("what") == "interrupted":
+                self.stopped_checkpoint = event.data.get("checkpoint")
         elif event.kind == "sample":
             self._write(f"sample {event.data['path']}")
         elif event.kind == "eval":
             self._write(f"held-out perplexity {event.data['when']} training: {event.data['perplexity']:.3f}")
-        elif event.kind == "start":
-            self._write(event.data["data_summary"])
+        elif event.kind == "start":  # the skipped files were logged one by one already
+            self._write("\n".join(line for line in event.data["data_summary"].splitlines()
+                                   if not line.startswith(("  skipped ", "  ... and "))))
         elif event.kind == "done":
             self.close()
 
@@ -69,6 +77,9 @@ class ProgressBar:
 
 def _train(args: argparse.Namespace) -> int:
     """`train`: run (or resume) a training run from a YAML config and overrides."""
+    if args.help_config:  # before the imports of torch and diffusers: seconds
+        print(markdown_table())
+        return 0
     from lora_trainer.backbones.sd import family_of
     from lora_trainer.train.loop import train_lora
     from lora_trainer.train.state import find_checkpoint
@@ -76,9 +87,6 @@ def _train(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.resume and config_file is None:
         config_file = find_checkpoint(args.resume) / "config.yaml"
-    if args.help_config:
-        print(markdown_table())
-        return 0
     if config_file is None and not args.set:
         raise LoraTrainerError("Give a config: `train --config my.yaml` (and/or --set key=value ...).")
     config = load_config(config_file, args.set)
@@ -95,7 +103,15 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     # one progress bar per run: under `accelerate launch` / torchrun only the first process draws it
     bar = ProgressBar(enabled=os.environ.get("RANK", "0") == "0")
-    result = train_lora(config, listeners=[bar], resume=args.resume)
+    try:
+        result = train_lora(config, listeners=[bar], resume=args.resume)
+    except KeyboardInterrupt:
+        bar.close()
+        if bar.stopped_checkpoint is None:
+            raise
+        output_dir = Path(bar.stopped_checkpoint).parent.parent
+        log.error("Stopped. Continue with: %s train --resume %s", _program(), shlex.quote(str(output_dir)))
+        return 130
     bar.close()
     if result.interrupted:
         return 130
@@ -116,6 +132,11 @@ def _train(args: argparse.Namespace) -> int:
     print(f"Use it as <lora:{result.lora_file.stem}:0.8> (copy it into your WebUI's models/Lora or ComfyUI's models/loras).")
     print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")
     return 0
+
+
+def _program() -> str:
+    """The command the user started us with: `lora-trainer` or `python -m lora_trainer`."""
+    return "lora-trainer" if Path(sys.argv[0]).stem == "lora-trainer" else "python -m lora_trainer"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -144,10 +165,13 @@ def _caption(args: argparse.Namespace) -> int:
         args.existing = "overwrite" if args.overwrite else "append"
     config = _config_from_flags(args, CaptionConfig)
     bar = ProgressBar()
-    result = caption_folder(args.folder, config, listeners=[bar])
+    try:
+        result = caption_folder(args.folder, config, listeners=[bar])
+    except KeyboardInterrupt:
+        bar.close()
+        log.error("Stopped. Run the same command again to caption the rest.")
+        return 130
     bar.close()
-    for path, reason in result.skipped:
-        print(f"skipped {path}: {reason}")
     print(f"{len(result.captioned)} captioned ({result.images_per_second:.1f} images/s), {len(result.kept)} kept "
           f"their caption, {len(result.skipped)} skipped.")
     return 130 if result.interrupted else 0
@@ -307,12 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate"):
+    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not getattr(args, "command", None):
         args = parser.parse_args(["demo"])
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in a traceback at exit
+        return code
+    except BrokenPipeError:  # `... | head` read what it wanted and closed the pipe
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        except (OSError, ValueError):
+            pass
+        return 141  # what a shell reports for a command ended by a closed pipe (128 + SIGPIPE)
     except LoraTrainerError as exc:
         log.error("%s", exc)
         return 2

@@ -21,6 +21,11 @@ from lora_trainer.errors import CheckpointError, TrainingError
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # kohya's prefix of each text encoder, by family
 TEXT_PREFIXES = {"sd1": ["lora_te"], "sd2": ["lora_te"], "sdxl": ["lora_te1", "lora_te2"]}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# the key prefixes of a whole single-file Stable Diffusion checkpoint (UNet, VAE, text encoders)
+BASE_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+# the width of the text conditioning a UNet's cross-attention takes, by family
+CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 def kohya_module_name(prefix: str, module: str) -> str:
@@ -73,9 +78,28 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         raise CheckpointError(f"{path.name}: LoRAs are read from .safetensors files only.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - safe_open is not iterable
+            keys = list(f.keys())
+            if any(k.startswith(BASE_MODEL_PREFIXES) for k in keys) and not any("lora" in k for k in keys):
+                raise CheckpointError(f"{path.name} is a base model (a whole Stable Diffusion checkpoint), not a LoRA. "
+                                      "Use it as base_model; init_lora and `inspect` take a LoRA file.")
+            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"Cannot read LoRA {path}: {exc}. The file is probably truncated.") from None
+
+
+def lora_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """The family a LoRA was trained for ('sd1', 'sd2', 'sdxl'): from its shapes, else its metadata; None if unknown."""
+    if any(key.startswith("lora_te2_") for key in tensors):
+        return "sdxl"
+    widths = {int(value.shape[1]) for key, value in tensors.items()
+              if key.startswith("lora_unet_") and key.endswith("attn2_to_k.lora_down.weight")}
+    if len(widths) == 1 and widths <= CONTEXT_WIDTHS.keys():
+        return CONTEXT_WIDTHS[widths.pop()]
+    version = f"{metadata.get('ss_base_model_version', '')} {metadata.get('modelspec.architecture', '')}".lower()
+    for family, mark in (("sdxl", "xl"), ("sd2", "v2"), ("sd1", "v1")):
+        if mark in version:
+            return family
+    return None
 
 
 def lora_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -85,7 +109,10 @@ def lora_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
         name, _, leaf = key.partition(".")
         part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(leaf)
         if part is None:
-            raise CheckpointError(f"'{key}' is not a LoRA key this trainer knows (LoHa/LoKr are not supported).")
+            kind = "a LoHa (LyCORIS) weight" if leaf.startswith("hada_") else \
+                "a LoKr (LyCORIS) weight" if leaf.startswith("lokr_") else "not a kohya LoRA key"
+            raise CheckpointError(f"'{key}' is {kind}; only kohya-format LoRA files (lora_unet_*/lora_te* keys with "
+                                  "lora_down, lora_up and alpha) can be read.")
         modules.setdefault(name, {})[part] = value
     return modules
 
@@ -99,7 +126,7 @@ def describe(path: str | Path) -> str:
     groups: dict[str, int] = {}
     for name in modules:
         groups[name.split("_")[1]] = groups.get(name.split("_")[1], 0) + 1
-    family = metadata.get("ss_base_model_version") or ("sdxl" if any(n.startswith("lora_te2") for n in modules) else "sd1/sd2")
+    family = metadata.get("ss_base_model_version") or FAMILY_NAMES.get(lora_family(tensors, metadata), "unknown")
     dtype = next((v.dtype for k, v in tensors.items() if k.endswith(".weight")), None)
     lines = [f"file: {Path(path).name}", f"family: {family}", f"modules: {len(modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(groups.items()))})",
              f"rank: {', '.join(map(str, ranks))}", f"alpha: {', '.join(f'{a:g}' for a in alphas)}", f"dtype: {dtype}"]

@@ -24,8 +24,9 @@ from lora_trainer.backbones.sd import DiffusionBackbone, family_of
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.data import process_caption, scan_dataset, tag_frequency
 from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
-from lora_trainer.errors import ConfigError, TrainingError
+from lora_trainer.errors import CheckpointError, ConfigError, TrainingError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, read_init_lora
+from lora_trainer.lora.kohya import FAMILY_NAMES, lora_family, lora_modules, read_lora_file
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.events import CancelToken, EventBus, Listener
 from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
@@ -197,11 +198,11 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     family = backbone.family if backbone else family_of(config.base_model, config.allow_pickle)
     config = resolve(config, family)
     out_dir = Path(config.output_dir)
+    if config.init_lora:
+        _check_init_lora_family(config.init_lora, family)
     scan = scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
                         missing_caption=config.missing_caption, trigger_word=config.trigger_word,
                         default_repeats=1)
-    for path, reason in scan.skipped:
-        log.warning("Skipped %s: %s", path, reason)
     bus.emit("start", data_summary=scan.summary(), config=to_yaml(config))
     accelerator = _accelerator(config, out_dir / "logs")
     device = accelerator.device
@@ -216,6 +217,10 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     if config.train_text_encoder and not backbone.text_encoders:
         raise ConfigError("This model's text encoder cannot be trained here (the host encodes captions itself); "
                           "set train_text_encoder: false.")
+    init = None
+    if config.init_lora:  # read and matched to this model's layers before the slow caching
+        init = read_init_lora(config.init_lora, backbone.unet, backbone.text_encoders, family, config.lora_alpha)
+        _check_init_lora_fits(config.init_lora, init, [backbone.unet, *backbone.text_encoders], family)
     if backbone.vae is not None:
         _place(backbone.vae, device, torch.float32)
     buckets = assign_buckets(scan.items, config.resolution, config.enable_buckets,
@@ -240,9 +245,6 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
 
     # 3. LoRA layers (their random initialisation comes from the seed too)
     torch.manual_seed(config.seed)
-    init = None
-    if config.init_lora:
-        init = read_init_lora(config.init_lora, backbone.unet, backbone.text_encoders, family, config.lora_alpha)
     unet_targets = sorted(set(backbone.unet_lora_targets(config.lora_targets)) | set(init[0] if init else ()))
     ranks = {name: parts["down"].shape[0] for name, parts in (init[0] if init else {}).items()}
     params = add_lora(backbone.unet, unet_targets, config.lora_rank, config.lora_alpha, config.lora_dropout, ranks)
@@ -333,7 +335,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     result = TrainResult(None, out_dir, step, total_steps)
 
     def save(kind: str) -> Path | None:
-        """A resumable checkpoint plus a usable LoRA file of this step (main process only); the LoRA's path."""
+        """A resumable checkpoint plus a usable LoRA file of this step (main process only); the LoRA's path.
+        The 'final' one is the finished LoRA, and its checkpoint lets `train --resume` continue with more steps."""
         if not accelerator.is_main_process:
             return None
         # a Ctrl-C between the batches of one accumulated step resumes at that step's first batch
@@ -341,6 +344,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         epoch = plan[min(done, len(plan) - 1)][0] + (1 if done >= len(plan) else 0)
         folder, lora_path = checkpoints.save(out_dir, config, family, backbone, trained, optimizer, scheduler,
                                              micro=done, step=step, epoch=epoch, kind=kind, meta=meta)
+        if kind == "final":
+            lora_path = checkpoints.save_final(out_dir, config, family, backbone, trained, step, epochs, meta)
         bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=kind)
         return lora_path
 
@@ -349,6 +354,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         model.train()
     losses = LossLog(device, config, bus, writer, result)
     device_gen = torch.Generator(device=device)
+    bus.emit("progress", step, total_steps, phase="training")  # the steps start now: progress bars time from here
 
     def cleanup() -> None:
         backbone.runner = None
@@ -433,10 +439,41 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         if config.sample_prompts and (not config.sample_every_n_steps or step % config.sample_every_n_steps) \
                 and backbone.can_render:
             result.samples += _samples(backbone, config, step, out_dir, bus, writer=None, accelerator=accelerator, models=models)
-        result.lora_file = checkpoints.save_final(out_dir, config, family, backbone, trained, step, epochs, meta)
-        bus.emit("saved", step, total_steps, path=str(result.lora_file), what="final")
+        result.lora_file = save("final")
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file))
     return result
+
+
+def _check_init_lora_family(path: str, family: str) -> None:
+    """Refuse an init_lora that is missing, not a plain LoRA, or made for another model family than `family`."""
+    try:
+        tensors, metadata = read_lora_file(path)
+        lora_modules(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_lora: {exc}") from None
+    made_for = lora_family(tensors, metadata)
+    if made_for and made_for != family:
+        raise CheckpointError(f"init_lora {path} is a LoRA for {FAMILY_NAMES[made_for]} models, but the base model is "
+                              f"an {FAMILY_NAMES[family]} model. Continue from a LoRA trained on {FAMILY_NAMES[family]}, "
+                              f"or train on the {FAMILY_NAMES[made_for]} base model it was made for.")
+
+
+def _check_init_lora_fits(path: str, init: list[dict[str, dict]], models: list[torch.nn.Module], family: str) -> None:
+    """Refuse an init_lora whose weights do not have the shapes of this model's layers (a LoRA of another model)."""
+    wrong, total = [], 0
+    for model, modules in zip(models, init):
+        for name, parts in modules.items():
+            total += 1
+            weight = model.get_submodule(name).weight  # Linear (out, in) or Conv2d (out, in, kh, kw)
+            rank = parts["down"].shape[0]
+            down, up = (rank, *weight.shape[1:]), (weight.shape[0], rank, *[1] * (weight.ndim - 2))
+            found = tuple(parts["down"].shape), tuple(parts["up"].shape)
+            if found != (down, up):
+                wrong.append(f"{name}: lora_down {found[0]} and lora_up {found[1]} where this model needs {down} and {up}")
+    if wrong:
+        raise CheckpointError(f"init_lora {path} does not fit this {FAMILY_NAMES[family]} model: {len(wrong)} of its "
+                              f"{total} modules have other shapes (e.g. {wrong[0]}). It was trained on another model "
+                              "family or a model with other layer sizes; continue from a LoRA trained on this base model.")
 
 
 def _compiled(unet: torch.nn.Module, config: TrainConfig, device: torch.device,

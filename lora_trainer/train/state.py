@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding `state.pt` (LoRA weights in fp32,
 optimizer, schedule, position in the data plan) and the run's `config.yaml`; beside it the LoRA of
-that step is written as `<name>-stepNNNNNNNN.safetensors`, ready to use. Folders appear atomically.
+that step is written as `<name>-stepNNNNNNNN.safetensors`, ready to use (the last checkpoint of a
+finished run has none: the finished LoRA is `<name>.safetensors`). Folders appear atomically.
 """
 
 from __future__ import annotations
@@ -111,12 +112,15 @@ def save_final(out_dir: Path, config: TrainConfig, family: str, backbone, traine
 
 
 def save(out_dir: Path, config: TrainConfig, family: str, backbone, trained: list[torch.nn.Module], optimizer,
-         scheduler, *, micro: int, step: int, epoch: int, kind: str, meta: dict) -> tuple[Path, Path]:
-    """Write a resumable checkpoint folder and the LoRA of this step; prune old ones. Returns both paths."""
+         scheduler, *, micro: int, step: int, epoch: int, kind: str, meta: dict) -> tuple[Path, Path | None]:
+    """Write a resumable checkpoint folder and the LoRA of this step (none for kind 'final'); prune old ones.
+    Returns both paths."""
     root = out_dir / "checkpoints"
     final = root / f"step-{step:08d}"
-    lora_path = out_dir / f"{config.output_name}-step{step:08d}.safetensors"
-    export_lora(lora_path, config, family, backbone, trained, step, epoch, meta)
+    lora_path = None
+    if kind != "final":
+        lora_path = out_dir / f"{config.output_name}-step{step:08d}.safetensors"
+        export_lora(lora_path, config, family, backbone, trained, step, epoch, meta)
     state = {
         "loras": [{k: v.detach().float().cpu() for k, v in lora_state(model).items()} for model in trained],
         "optimizer": optimizer.state_dict(),
@@ -158,7 +162,7 @@ def find_checkpoint(path: str | Path) -> Path:
     candidates = sorted((path / "checkpoints").glob("step-*/state.pt")) if path.is_dir() else []
     if not candidates:
         raise CheckpointError(f"No checkpoint to resume in {path.resolve()}: expected a 'checkpoints/step-*' "
-                              "folder with state.pt (written every save_every_n_steps/epochs and on Ctrl-C).")
+                              "folder with state.pt (written every save_every_n_steps/epochs, on Ctrl-C and at the end).")
     return candidates[-1].parent
 
 
