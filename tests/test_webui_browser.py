@@ -120,11 +120,17 @@ def test_the_tab_in_the_webui_page(page_server, tmp_path):
         expect(grid).to_be_visible()
         assert grid.evaluate("img => img.naturalWidth") == 2 * 64, "rendered at the size the LoRA was trained at"
 
+        _sub_tab(page, "1. Dataset")  # the reload above emptied the form
+        _set(page, "train_data_dir", str(data))
         _sub_tab(page, "3. Settings")
-        _set(page, "max_steps", "2")
-        _set(page, "output_name", "page_lora_again")
+        for key, value in {"max_steps": "2", "output_name": "page_lora_again", "resolution": "64",
+                           "batch_size": "2"}.items():
+            _set(page, key, value)
         _sub_tab(page, "4. Train")
         page.locator("#lora_trainer_train").click()
+        page.wait_for_timeout(5000)
+        page.screenshot(path=str(tmp_path / "webui_train_again.png"), full_page=True)
+        expect(status).to_contain_text("page_lora_again", timeout=60_000)
         deadline = time.time() + 300
         while (again := _status(url))["running"] or again["name"] != "page_lora_again":
             assert time.time() < deadline, again

@@ -112,6 +112,10 @@ def launch_webui(family: str, data_dir: Path, *, ui: bool = False) -> dict:
     deadline = time.time() + 600
     while True:
         try:
+            # a request before the WebUI has added its API middleware makes its start fail (starlette builds the
+            # stack on the first request): in UI mode wait for its start-up line first
+            if ui and "Startup time" not in log_path.read_text(errors="replace"):
+                raise OSError("starting")
             _get(f"{url}/lora_trainer/status")
             _get(f"{url}/sdapi/v1/options")
             if ui:
