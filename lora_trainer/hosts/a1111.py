@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_fields
 from lora_trainer.errors import HostError
 from lora_trainer.train.events import CancelToken, Event, Listener
 from lora_trainer.ui.jobs import BusyError, Trainer
@@ -71,11 +71,11 @@ def on_ui_settings() -> None:
         "lora_trainer_unload_encoders": shared.OptionInfo(
             True, "Move the VAE and text encoder off the GPU while the UNet trains (they go back after)",
             section=SECTION),
-        "lora_trainer_save_every_n_steps": shared.OptionInfo(
-            0, "Save a resumable checkpoint every N steps (0: once per epoch)", section=SECTION),
-        "lora_trainer_sample_every_n_steps": shared.OptionInfo(
-            0, "Render the sample prompts every N steps while training (0: only at the end)", section=SECTION),
     }
+    fields = {f.name: f for f in config_fields(TrainConfig)}
+    for name in ("save_every_n_steps", "sample_every_n_steps"):  # the tab's default, with the config's own help
+        options[f"lora_trainer_{name}"] = shared.OptionInfo(
+            0, f"Default for {fields[name].metadata['label']}: {fields[name].metadata['help']}", section=SECTION)
     for key, info in options.items():
         shared.opts.add_option(key, info)
 
