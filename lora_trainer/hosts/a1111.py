@@ -225,7 +225,7 @@ class WebUIHost:
                     networks.load_lora_state_dict.cache_clear()  # Forge caches LoRA files by name
                 networks.list_available_networks()
             if hasattr(shared.sd_model, "current_lora_hash"):
-                shared.sd_model.current_lora_hash = str([])  # Forge re-applies LoRAs on the next render
+                _forget_forge_loras(shared.sd_model)
                 # Forge's LoraLoader (one per model, shared by all patcher clones) skips the merge when the
                 # (file, strengths) key equals the last one: a retrained file of the same name would keep the
                 # old merged weights
@@ -425,7 +425,7 @@ def _forge_unet():
     patcher.refresh_loras()
     original.clip.patcher.refresh_loras()
     sd_model.forge_objects = original.shallow_copy()  # captions are encoded with the LoRA-free text encoder
-    sd_model.current_lora_hash = str([])
+    _forget_forge_loras(sd_model)
     diffusion_model = patcher.model.diffusion_model
     with torch.inference_mode(False):
         for module in diffusion_model.modules():
@@ -433,6 +433,18 @@ def _forge_unet():
                 if param is not None and param.is_inference():
                     module._parameters[key] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
     return sd_model, diffusion_model
+
+
+def _forget_forge_loras(sd_model) -> None:
+    """Make Forge rebuild its LoRA-applied model on the next render.
+
+    Forge keeps the last render's LoRA-patched objects in `forge_objects_after_applying_lora` and skips the rebuild
+    while the prompt's LoRA list hashes to `current_lora_hash`; a render without LoRAs then copies that stale
+    object back in and draws with the last LoRA. Start both over from the LoRA-free objects, with a hash that no
+    prompt's list has.
+    """
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
+    sd_model.current_lora_hash = "lora_trainer: rebuild"
 
 
 def _state_listener(cancel: CancelToken) -> Listener:
