@@ -70,12 +70,15 @@ def run_demo(workdir: Path, steps: int = 60, listeners: list[Listener] | tuple[L
     })
     result = train_lora(config, listeners=listeners)
     before, after = render(checkpoint, None, PROMPT), render(checkpoint, result.lora_file, PROMPT)
-    pair = Image.new("RGB", (before.width * 2 + 8, before.height), "white")
-    pair.paste(before, (0, 0))
-    pair.paste(after, (before.width + 8, 0))
+    change = np.abs(np.asarray(before, dtype=np.int16) - np.asarray(after, dtype=np.int16))
+    difference = change.mean()
+    # a random-weight model draws noise either way: the third panel shows where the LoRA changed it, 10x brighter
+    changed = Image.fromarray(np.clip(change * 10, 0, 255).astype(np.uint8))
+    panels = Image.new("RGB", (before.width * 3 + 16, before.height), "white")
+    for index, panel in enumerate((before, after, changed)):
+        panels.paste(panel, (index * (before.width + 8), 0))
     comparison = result.output_dir / "before_after.png"
-    pair.resize((pair.width * 4, pair.height * 4), Image.Resampling.NEAREST).save(comparison)
-    difference = np.abs(np.asarray(before, dtype=np.int16) - np.asarray(after, dtype=np.int16)).mean()
+    panels.resize((panels.width * 4, panels.height * 4), Image.Resampling.NEAREST).save(comparison)
     first, last = result.losses[0][1], result.losses[-1][1]
     print(f"\nDemo finished in {workdir.resolve()}:\n"
           f"  base model   {checkpoint}\n"
@@ -83,7 +86,8 @@ def run_demo(workdir: Path, steps: int = 60, listeners: list[Listener] | tuple[L
           f"  LoRA         {result.lora_file}\n"
           f"  checkpoints  {result.output_dir / 'checkpoints'}\n"
           f"  samples      {result.output_dir / 'samples'}\n"
-          f"  before/after {comparison} (mean pixel change {difference:.1f}/255)\n"
+          f"  before/after {comparison} (without, with the LoRA, and their difference x10; "
+          f"mean pixel change {difference:.1f}/255)\n"
           f"  loss         {first:.4f} -> {last:.4f} over {result.steps} steps\n"
           f"  TensorBoard  tensorboard --logdir {result.output_dir / 'logs'}\n"
           f"  inspect      python -m lora_trainer inspect {result.lora_file}")

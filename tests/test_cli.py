@@ -263,4 +263,8 @@ def test_demo_writes_lora_and_before_after(tmp_path: Path) -> None:
     tensors, metadata = read_lora_file(out / "ink_wash_lora.safetensors")
     assert tensors and metadata["ss_steps"] == "6"
     with Image.open(out / "before_after.png") as image:
-        assert image.width > image.height > 0
+        panels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    width = (panels.shape[1] - 2 * 32) // 3  # three panels, 8 px gaps scaled 4x
+    before, after, changed = (panels[:, i * (width + 32):i * (width + 32) + width] for i in range(3))
+    assert not np.array_equal(before, after)  # the LoRA changed the picture
+    assert np.array_equal(changed, np.clip(np.abs(before - after) * 10, 0, 255))
