@@ -27,6 +27,31 @@ class Interrupted(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 
 
+def supported_models() -> types.ModuleType:
+    """Stands in for comfy.supported_models: the families and a few of their subclasses, as ComfyUI declares them."""
+    module = types.ModuleType("comfy.supported_models")
+
+    def declare(name, base=object, adm=None):
+        cls = type(name, (base,), {"unet_config": {"adm_in_channels": adm}})
+        setattr(module, name, cls)
+        return cls
+
+    sd15, sd20, sdxl = declare("SD15"), declare("SD20"), declare("SDXL", adm=2816)
+    declare("SD15_instructpix2pix", sd15)
+    declare("SD21UnclipH", sd20, adm=2048)
+    for name in ("SSD1B", "Segmind_Vega", "KOALA_700M", "SDXL_instructpix2pix"):
+        declare(name, sdxl, adm=2816)
+    return module
+
+
+def model_config(module: types.ModuleType, name: str, in_channels: int = 4):
+    """A detected model's config: an instance of the supported_models class with its unet_config filled in."""
+    cls = getattr(module, name)
+    config = cls()
+    config.unet_config = {**cls.unet_config, "in_channels": in_channels}
+    return config
+
+
 @pytest.fixture
 def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     """Fake ComfyUI modules plus a MODEL/CLIP/VAE trio over a tiny model (SD1.5 unless parametrised)."""
@@ -65,16 +90,18 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     folder_paths.get_output_directory = lambda: str(tmp_path / "output")
     folder_paths.get_temp_directory = lambda: str(tmp_path)
     folder_paths.get_filename_list = lambda kind: sorted(p.name for p in loras.glob("*.safetensors"))
+    folder_paths.get_input_directory = lambda: str(tmp_path / "input")
+    supported = supported_models()
     package = types.ModuleType("comfy")
-    package.model_management, package.utils, package.sd = mm, utils, sd
+    package.model_management, package.utils, package.sd, package.supported_models = mm, utils, sd, supported
     for name, module in {"comfy": package, "comfy.model_management": mm, "comfy.utils": utils, "comfy.sd": sd,
-                         "folder_paths": folder_paths}.items():
+                         "comfy.supported_models": supported, "folder_paths": folder_paths}.items():
         monkeypatch.setitem(sys.modules, name, module)
 
     checkpoint = tiny_state_dict(family)
     host_unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
     encoders = DiffusionBackbone.from_file(tiny_checkpoints[family])
-    config = type({"sd1": "SD15", "sdxl": "SDXL"}[family], (), {})()
+    config = model_config(supported, {"sd1": "SD15", "sdxl": "SDXL"}[family])
     scale = {"sd1": 0.18215, "sdxl": 0.13025}[family]
     model = types.SimpleNamespace(model=types.SimpleNamespace(
         model_config=config, diffusion_model=types.SimpleNamespace(state_dict=lambda: host_unet),
@@ -89,7 +116,8 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     vae = types.SimpleNamespace(
         encode=lambda pixels: encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean,
         decode=lambda latents: ((encoders.vae.decode(latents).sample + 1) / 2).clamp(0, 1).movedim(1, -1))
-    return types.SimpleNamespace(state=state, loras=loras, model=model, clip=clip, vae=vae, host_unet=host_unet)
+    return types.SimpleNamespace(state=state, loras=loras, model=model, clip=clip, vae=vae, host_unet=host_unet,
+                                 supported=supported, encoders=encoders)
 
 
 def test_node_classes_follow_comfyuis_interface():
@@ -124,10 +152,11 @@ def test_train_node_saves_into_loras_and_leaves_the_graphs_model_untouched(comfy
     snapshot = {k: v.clone() for k, v in comfy.host_unet.items()}
     (data,) = DatasetFromFolder().make(str(dataset), resolution=64, enable_buckets=True, repeats=1, trigger_word="inkwash",
                                        shuffle_captions=False, keep_tokens=1, caption_dropout=0.0, flip_aug=False)
-    model, clip, name, plot = TrainLora().train(
+    output = TrainLora().train(
         comfy.model, comfy.clip, comfy.vae, data, "../../ink wash", max_steps=3, lora_rank=4, lora_alpha=4.0,
         learning_rate=1e-3, batch_size=0, lora_targets="attention_ff", optimizer="adamw", lr_scheduler="constant",
         seed=1, save_every_n_steps=0, advanced="device: cpu\nlog_every_n_steps: 1")
+    model, clip, name, plot = output["result"]
     assert name == "ink wash.safetensors"
     tensors, metadata = read_lora_file(comfy.loras / name)
     assert metadata["ss_output_name"] == "ink wash" and metadata["ss_steps"] == "3"
@@ -235,3 +264,194 @@ def test_a_failed_copy_into_loras_keeps_the_old_file(comfy, tmp_path, monkeypatc
         comfyui.publish(new, "kept")
     assert old.read_bytes() == b"previous lora"
     assert sorted(p.name for p in comfy.loras.iterdir()) == ["kept.safetensors"]
+
+
+def train(comfy, data: dict, name: str = "run", **options):
+    """TrainLora on the fake graph with quick settings; `options` override widget values."""
+    from lora_trainer.hosts.comfyui import TrainLora
+
+    values = {"max_steps": 2, "lora_rank": 4, "lora_alpha": 4.0, "learning_rate": 1e-3, "batch_size": 0,
+              "lora_targets": "attention", "optimizer": "adamw", "lr_scheduler": "constant", "seed": 1,
+              "save_every_n_steps": 0, "advanced": "device: cpu"}
+    values.update(options)
+    return TrainLora().train(comfy.model, comfy.clip, comfy.vae, data, name, **values)
+
+
+def fresh_values(cls: type) -> dict:
+    """The widget values of a node just dropped onto the canvas, as the frontend picks them.
+
+    A number, text or switch takes the spec's default; a choice its default, or the first choice without one.
+    """
+    values = {}
+    for name, spec in cls.INPUT_TYPES()["required"].items():
+        options = spec[1] if len(spec) > 1 else {}
+        if isinstance(spec[0], list):
+            values[name] = options["default"] if options.get("default") is not None else spec[0][0]
+        elif spec[0] in WIDGET_TYPES:
+            values[name] = options.get("default")
+    return values
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+CONTROL_MODES = ["fixed", "increment", "decrement", "randomize"]
+
+
+def frontend_widgets(cls: type) -> list[tuple[str, tuple]]:
+    """The widgets the frontend makes for a node, in order: one per widget input, and a 'control after generate'
+    combo after an INT named seed/noise_seed or one whose spec asks for it."""
+    inputs = cls.INPUT_TYPES()
+    widgets = []
+    for name, spec in [*inputs["required"].items(), *inputs.get("optional", {}).items()]:
+        if not (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES):
+            continue
+        widgets.append((name, spec))
+        options = spec[1] if len(spec) > 1 else {}
+        control = options.get("control_after_generate")
+        if spec[0] == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
+            widgets.append(("control_after_generate", (CONTROL_MODES, {"default": control})))
+    return widgets
+
+
+def test_a_fresh_train_node_resolves_to_the_command_lines_defaults():
+    from lora_trainer.config import make_config, resolve
+    from lora_trainer.hosts.comfyui import DATASET_WIDGETS, TRAIN_WIDGETS, DatasetFromFolder, TrainLora, _values
+
+    specs = TrainLora.INPUT_TYPES()["required"]
+    for name in ("optimizer", "lr_scheduler"):
+        assert specs[name][0][0] == specs[name][1]["default"] == "preset", name
+    names = TRAIN_WIDGETS + DATASET_WIDGETS
+    fresh = _values(names, {**fresh_values(DatasetFromFolder), **fresh_values(TrainLora)})
+    for family in ("sd1", "sd2", "sdxl"):
+        node = resolve(make_config({"train_data_dir": "data", **fresh}), family)
+        command_line = resolve(make_config({"train_data_dir": "data"}), family)
+        assert {n: getattr(node, n) for n in names} == {n: getattr(command_line, n) for n in names}, family
+
+
+def test_example_workflow_fits_the_widgets_the_frontend_makes():
+    import json
+
+    from lora_trainer.hosts.comfyui import NODE_CLASS_MAPPINGS
+
+    workflow = json.loads((ROOT / "example_workflows" / "train_lora_from_folder.json").read_text())
+    ours = [node for node in workflow["nodes"] if node["type"] in NODE_CLASS_MAPPINGS]
+    assert {node["type"] for node in ours} == {"LoraTrainerDatasetFromFolder", "LoraTrainerTrainLora"}
+    for node in ours:
+        widgets = frontend_widgets(NODE_CLASS_MAPPINGS[node["type"]])
+        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        for (name, spec), value in zip(widgets, node["widgets_values"]):
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], list):
+                assert value in spec[0], name
+            elif spec[0] == "INT":
+                assert isinstance(value, int) and options["min"] <= value <= options["max"], name
+            elif spec[0] == "FLOAT":
+                assert isinstance(value, (int, float)) and options["min"] <= value <= options["max"], name
+            else:
+                assert isinstance(value, {"STRING": str, "BOOLEAN": bool}[spec[0]]), name
+        values = dict(zip([name for name, _ in widgets], node["widgets_values"]))
+        if "seed" in values:
+            assert values["control_after_generate"] == "fixed"  # the same LoRA each time it is queued
+
+
+def test_train_nodes_seed_control_starts_at_fixed():
+    from lora_trainer.hosts.comfyui import TrainLora
+
+    widgets = dict(frontend_widgets(TrainLora))
+    assert widgets["control_after_generate"][1]["default"] == "fixed"
+    assert "fixed" in widgets["seed"][1]["tooltip"]
+
+
+def test_relative_dataset_folder_is_read_from_comfyuis_input_folder(comfy, tmp_path, monkeypatch):
+    from conftest import make_dataset
+
+    from lora_trainer.errors import DatasetError
+    from lora_trainer.hosts.comfyui import CaptionFolder, DatasetFromFolder
+
+    make_dataset(tmp_path / "input" / "ink", count=2)
+    elsewhere = tmp_path / "elsewhere"
+    make_dataset(elsewhere / "ink", count=3)
+    monkeypatch.chdir(elsewhere)  # a folder of that name beside the process must not be picked instead
+    options = {"resolution": 64, "enable_buckets": True, "repeats": 1, "trigger_word": "", "shuffle_captions": False,
+               "keep_tokens": 1, "caption_dropout": 0.0, "flip_aug": False}
+    (data,) = DatasetFromFolder().make("ink", **options)
+    assert data["train_data_dir"] == str(tmp_path / "input" / "ink")
+    with pytest.raises(DatasetError, match=f"looked for {tmp_path / 'input' / 'missing'}.*ComfyUI's input folder"):
+        DatasetFromFolder().make("missing", **options)
+    with pytest.raises(DatasetError, match="Set 'folder'"):
+        DatasetFromFolder().make("  ", **options)
+    with pytest.raises(DatasetError, match=f"looked for {tmp_path / 'input' / 'missing'}"):
+        CaptionFolder().caption("missing", prefix="", existing="keep", output="txt", model="unused")
+
+
+def test_same_seed_gives_the_same_lora_whatever_drew_random_numbers_before(comfy, dataset):
+    """ComfyUI before 0.3.43 samples the VAE's latents with the global generator, which KSampler reseeds."""
+    comfy.vae.encode = lambda pixels: comfy.encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.sample()
+    data = {"train_data_dir": str(dataset), "resolution": 64}
+    loras = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # what a sampler that ran before in the same process leaves behind
+        train(comfy, data, "again", seed=7)
+        loras.append(read_lora_file(comfy.loras / "again.safetensors")[0])
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+
+
+def test_a_lora_already_on_the_model_is_left_out_of_training_and_said(comfy, dataset, caplog):
+    class Patcher:
+        def __init__(self, patches):
+            self.patches, self.patches_uuid = patches, "old"
+
+    encoded_by = []
+    clip = comfy.clip
+
+    def clone():
+        copy = types.SimpleNamespace(**vars(clip))
+        copy.patcher = Patcher(dict(clip.patcher.patches))
+        copy.encode_from_tokens = lambda tokens, return_pooled=False: (
+            encoded_by.append(len(copy.patcher.patches)) or clip.encode_from_tokens(tokens, return_pooled))
+        return copy
+
+    data = {"train_data_dir": str(dataset), "resolution": 64}
+    plain = train(comfy, data, "plain")["result"]
+    clip.patcher, clip.clone = Patcher({"te.q": [1]}), clone
+    comfy.model.patches = {"unet.q": [1], "unet.k": [1]}
+    with caplog.at_level("WARNING"):
+        output = train(comfy, data, "stacked")
+    assert "already has a LoRA applied (2 UNet and 1 text encoder weights patched" in caplog.text
+    assert "already has a LoRA applied" in output["ui"]["text"][0]
+    assert encoded_by and set(encoded_by) == {0}  # captions went through the CLIP without its LoRA
+    assert output["result"][0][1] is comfy.model and output["result"][1][1] is clip  # the outputs keep both LoRAs
+    one = read_lora_file(comfy.loras / "plain.safetensors")[0]
+    two = read_lora_file(comfy.loras / "stacked.safetensors")[0]
+    assert all(torch.equal(one[k], two[k]) for k in one) and plain[2] == "plain.safetensors"
+
+
+@pytest.mark.parametrize("comfy", ["sdxl"], indirect=True)
+def test_sdxl_variants_train_as_sdxl_and_other_inputs_are_refused(comfy, dataset):
+    from lora_trainer.errors import HostError
+    from lora_trainer.hosts.comfyui import model_family
+
+    comfy.model.model.model_config = model_config(comfy.supported, "Segmind_Vega")
+    train(comfy, {"train_data_dir": str(dataset), "resolution": 64}, "vega", optimizer="preset", lr_scheduler="preset")
+    metadata = read_lora_file(comfy.loras / "vega.safetensors")[1]
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_lr_scheduler"] == "cosine" and metadata["ss_optimizer"].startswith("adamw")  # sdxl preset
+    for name in ("SSD1B", "KOALA_700M", "SDXL"):
+        comfy.model.model.model_config = model_config(comfy.supported, name)
+        assert model_family(comfy.model) == "sdxl"
+    for name, channels in (("SDXL_instructpix2pix", 8), ("SDXL", 9), ("SD15_instructpix2pix", 8), ("SD21UnclipH", 4)):
+        comfy.model.model.model_config = model_config(comfy.supported, name, channels)
+        with pytest.raises(HostError, match=name):
+            model_family(comfy.model)
+
+
+def test_output_name_never_leaves_the_loras_or_output_folder(comfy, dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "models")
+    before = set(tmp_path.parent.rglob("*"))
+    output = train(comfy, {"train_data_dir": str(dataset), "resolution": 64}, "../../../escape/x",
+                   save_every_n_steps=1, advanced=f"device: cpu\noutput_name: ../up\noutput_dir: {tmp_path / 'elsewhere'}")
+    written = {p for p in set(tmp_path.parent.rglob("*")) - before if p.is_file()}
+    allowed = (comfy.loras, tmp_path / "output" / "lora_trainer" / "x")
+    assert written and all(any(p.is_relative_to(folder) for folder in allowed) for p in written), written
+    assert output["result"][2] == "x.safetensors"
+    assert "'../../../escape/x' is saved as 'x'" in output["ui"]["text"][0]

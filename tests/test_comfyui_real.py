@@ -94,7 +94,12 @@ def server(tmp_path_factory):
 
 
 def to_api(workflow: dict, info: dict) -> dict:
-    """A saved UI workflow as the API graph /prompt takes, using the inputs' order from /object_info."""
+    """A saved UI workflow as the API graph /prompt takes, using the inputs' order from /object_info.
+
+    Widget values are matched as the frontend lays widgets out: an INT named seed or noise_seed, or one whose
+    spec sets control_after_generate, has a second widget (its "control after generate" mode) after it.
+    tests/test_comfyui_browser.py loads the same file in the real frontend.
+    """
     links = {link[0]: link for link in workflow["links"]}
     graph = {}
     for node in workflow["nodes"]:
@@ -108,7 +113,8 @@ def to_api(workflow: dict, info: dict) -> dict:
             if name in inputs or (isinstance(kind, str) and kind not in LINK_FREE):
                 continue
             inputs[name] = next(values)
-            if len(input_spec) > 1 and input_spec[1].get("control_after_generate"):
+            control = input_spec[1].get("control_after_generate") if len(input_spec) > 1 else None
+            if kind == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
                 next(values)
         graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return graph
@@ -118,7 +124,7 @@ def _training_graph(server: Server, name: str, steps: int, advanced: str = "") -
     workflow = json.loads((ROOT / "example_workflows" / "train_lora_from_folder.json").read_text())
     graph = to_api(workflow, server.info)
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
-    graph["2"]["inputs"].update(folder=str(server.base / "input" / "lora_data"), resolution=64)
+    graph["2"]["inputs"].update(folder="lora_data", resolution=64)  # relative: read from ComfyUI's input folder
     graph["3"]["inputs"].update(output_name=name, max_steps=steps, advanced=f"log_every_n_steps: 1\n{advanced}")
     graph["7"]["inputs"].update(width=64, height=64)
     graph["8"]["inputs"]["steps"] = 2
@@ -192,3 +198,90 @@ def test_sd2_trains_through_the_example_workflow(server):
     assert result["status"]["status_str"] == "success", result["status"]
     _, metadata = read_lora_file(server.base / "models" / "loras" / "comfy_sd2.safetensors")
     assert metadata["ss_base_model_version"] == "sd_v2" and metadata["ss_v2"] == "True"
+
+
+def test_a_lora_from_loraloader_is_left_out_of_training_and_said(server):
+    import torch
+    from safetensors.torch import save_file
+
+    plain = server.run(_training_graph(server, "comfy_plain", steps=2))
+    assert plain["status"]["status_str"] == "success", plain["status"]
+    loras = server.base / "models" / "loras"
+    trained = read_lora_file(loras / "comfy_plain.safetensors")[0]
+    generator = torch.Generator().manual_seed(0)
+    stack = {k: torch.randn(v.shape, generator=generator) * 0.2 if v.ndim else v.float() for k, v in trained.items()}
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # CLIP-L's first attention: captions change
+    stack.update({f"{te}.lora_down.weight": torch.randn(4, 768, generator=generator),
+                  f"{te}.lora_up.weight": torch.randn(768, 4, generator=generator), f"{te}.alpha": torch.tensor(4.0)})
+    save_file({k: v.contiguous() for k, v in stack.items()}, str(loras / "stack.safetensors"))
+
+    graph = _training_graph(server, "comfy_stacked", steps=2)
+    graph["20"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                         "strength_clip": 1.0, "lora_name": "stack.safetensors"}}
+    graph["3"]["inputs"].update(model=["20", 0], clip=["20", 1])
+    stacked = server.run(graph)
+    assert stacked["status"]["status_str"] == "success", stacked["status"]
+    assert "already has a LoRA applied" in server.log.read_text()
+    assert "already has a LoRA applied" in stacked["outputs"]["3"]["text"][0]
+    again = read_lora_file(loras / "comfy_stacked.safetensors")[0]
+    assert all(torch.equal(trained[k], again[k]) for k in trained)  # the same LoRA as from the plain checkpoint
+
+
+@pytest.fixture(scope="module")
+def sdxl(server) -> str:
+    """A tiny SDXL that ComfyUI detects (~2.4 GB, built in about a minute), in the server's checkpoints folder."""
+    build_tiny_checkpoint(server.base / "models" / "checkpoints" / "tiny_sdxl.safetensors", "sdxl-comfy-host")
+    return "tiny_sdxl.safetensors"
+
+
+def test_sdxl_trains_and_its_lora_maps_onto_comfyuis_sdxl(server, sdxl):
+    graph = _training_graph(server, "comfy_sdxl", steps=1, advanced="learning_rate: 0.01")
+    graph["1"]["inputs"]["ckpt_name"] = sdxl
+    result = server.run(graph)
+    assert result["status"]["status_str"] == "success", result["status"]
+    _, metadata = read_lora_file(server.base / "models" / "loras" / "comfy_sdxl.safetensors")
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_steps"] == "1"
+
+    settings = {"seed": 3, "steps": 2, "cfg": 5.0}
+    check = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sdxl}},
+             "2": {"class_type": "LoraTrainerTestLoraGrid",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_name": "comfy_sdxl.safetensors",
+                              "prompt": "inkwash, mountains", "negative": "", "strengths": "0, 1",
+                              "width": 64, "height": 64, **settings}},
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "sdxl_grid"}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "inkwash, mountains"}},
+             "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+             "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                        "latent_image": ["6", 0], "sampler_name": "euler",
+                                                        "scheduler": "normal", "denoise": 1.0, **settings}},
+             "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+             "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "sdxl_base"}}}
+    result = server.run(check)
+    assert result["status"]["status_str"] == "success", result["status"]
+    grid = np.asarray(Image.open(next((server.base / "output").glob("sdxl_grid*.png"))), dtype=np.int16)
+    base = np.asarray(Image.open(next((server.base / "output").glob("sdxl_base*.png"))), dtype=np.int16)
+    assert np.abs(grid[:, :64] - base).max() <= 1  # strength 0 is the checkpoint itself
+    assert np.abs(grid[:, 64:] - base).mean() > 0.5  # strength 1 changes the image
+    assert "lora key not loaded" not in server.log.read_text()  # every key of the LoRA maps onto ComfyUI's SDXL
+
+
+def test_an_sdxl_variant_trains_as_sdxl(server, sdxl):
+    """ComfyUI detects SDXL with transformer depths 1, 1, 2 as Segmind Vega, its own subclass of SDXL."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.backbones.ldm import unet_to_ldm
+    from lora_trainer.backbones.tiny import comfy_sdxl_unet
+
+    checkpoints = server.base / "models" / "checkpoints"
+    tensors = {k: v for k, v in load_file(str(checkpoints / sdxl)).items() if not k.startswith("model.diffusion_model.")}
+    unet = unet_to_ldm(comfy_sdxl_unet((1, 1, 2)).state_dict(), 2)
+    tensors.update({f"model.diffusion_model.{k}": v.half().contiguous() for k, v in unet.items()})
+    save_file(tensors, str(checkpoints / "tiny_vega.safetensors"))
+    graph = _training_graph(server, "comfy_vega", steps=1)
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_vega.safetensors"
+    result = server.run(graph)
+    assert result["status"]["status_str"] == "success", result["status"]
+    _, metadata = read_lora_file(server.base / "models" / "loras" / "comfy_vega.safetensors")
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert "lora key not loaded" not in server.log.read_text()

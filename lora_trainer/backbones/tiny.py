@@ -130,6 +130,18 @@ def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     return {k: v.contiguous() for k, v in ckpt.items() if not k.endswith("position_ids")}
 
 
+def comfy_sdxl_unet(depths: tuple[int, int, int] = (1, 2, 10)) -> UNet2DConditionModel:
+    """The smallest SDXL UNet ComfyUI detects as SDXL: model_channels 320 and SDXL's transformer depths (none, 2, 10),
+    but 320 wide at every level. Other depths make ComfyUI's SDXL variants: (1, 1, 2) Segmind Vega, (1, 2, 4) SSD-1B.
+    """
+    return _wake(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
+        attention_head_dim=(5, 5, 5), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=depths,
+        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816))
+
+
 def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
     """The smallest checkpoint the hosts take: SD1.5 (fp16, ~420 MB), SD2 (~1 GB) or SDXL (~1.8 GB).
 
@@ -137,9 +149,13 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     so those are full size; only the UNet is small. ComfyUI detects SD1.5 from model_channels 320 and
     context_dim 768 (SD2: 1024 and linear projections): one level of 320. The WebUI reads the UNet's shape
     from a .yaml beside the checkpoint; for SDXL its LoRA key mapping assumes two res blocks per level.
+    ComfyUI does not detect that 'sdxl' (it wants SDXL's model_channels and transformer depths): 'sdxl-comfy'
+    is an SDXL it detects (~2.4 GB, see comfy_sdxl_unet).
     """
     torch.manual_seed(seed)
-    if family == "sdxl":
+    if family == "sdxl-comfy":
+        unet = comfy_sdxl_unet()
+    elif family == "sdxl":
         unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128),
             attention_head_dim=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -155,7 +171,7 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     _wake(unet)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 2 if family == "sdxl" else 1))
+    ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 2 if family.startswith("sdxl") else 1))
     ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), 4)))
 
     def encoder(width: int, layers: int, heads: int, act: str, cls=CLIPTextModelWithProjection):
@@ -164,7 +180,7 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
                                 hidden_act=act, projection_dim=width)
         return {k: v.half() for k, v in cls(config).state_dict().items()}  # bigG is 700M parameters
 
-    if family == "sdxl":
+    if family.startswith("sdxl"):
         ckpt.update(_prefixed("conditioner.embedders.0.transformer.",
                               text_model_keys(encoder(768, 12, 12, "quick_gelu", CLIPTextModel))))
         ckpt.update(_prefixed("conditioner.embedders.1.model.", clip_to_open_clip(encoder(1280, 32, 20, "gelu"))))
@@ -191,7 +207,8 @@ def wake_text_encoders(ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host'/'sdxl-host' for the hosts."""
+    """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host'/'sdxl-host'/
+    'sdxl-comfy-host' for the hosts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     host = family.endswith("-host")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +21,33 @@ import yaml
 from PIL import Image
 
 from lora_trainer.config import CaptionConfig, TrainConfig, config_fields, make_config, safe_name
-from lora_trainer.errors import HostError
+from lora_trainer.errors import DatasetError, HostError
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "LoRA Trainer"
 DATASET = "LORA_TRAINER_DATASET"
-FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+FAMILIES = (("SDXL", "sdxl"), ("SD20", "sd2"), ("SD15", "sd1"))  # comfy.supported_models classes, subclasses too
 TRAIN_WIDGETS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "lora_targets", "optimizer",
                  "lr_scheduler", "seed", "save_every_n_steps")
 DATASET_WIDGETS = ("resolution", "enable_buckets", "repeats", "trigger_word", "shuffle_captions", "keep_tokens",
                    "caption_dropout", "flip_aug")
 AUTO = 0  # a 0 in a number widget of a preset key means "the model family's preset"
+PRESET = "preset"  # the same in a choice widget (the WebUI form's word for it)
 
 
-def _widget(cls: type, name: str, default=None) -> tuple:
+def _widget(cls: type, name: str) -> tuple:
     """A ComfyUI input spec generated from a config field: its type, bounds, default and tooltip."""
     f = next(f for f in config_fields(cls) if f.name == name)
     meta = f.metadata
     options = {"tooltip": meta["help"]}
-    value = f.default if default is None else default
+    value = f.default
     if meta["choices"]:
-        return (list(meta["choices"]), {**options, "default": value})
+        choices = list(meta["choices"])
+        if meta["preset"]:  # without a default the frontend picks the first choice, not the family's preset
+            choices, value = [PRESET, *choices], PRESET
+            options["tooltip"] += " 'preset' = the model family's choice."
+        return (choices, {**options, "default": value})
     if f.type == "bool":
         return ("BOOLEAN", {**options, "default": value})
     if f.type == "str":
@@ -53,10 +62,39 @@ def _widget(cls: type, name: str, default=None) -> tuple:
     return (kind, spec)
 
 
+def _fixed_seed(spec: tuple) -> tuple:
+    """A seed input whose "control after generate" widget starts at fixed, so queuing again repeats the run.
+
+    The frontend gives every INT input named seed that widget, starting at "randomize" unless the spec names
+    another mode; older frontends (1.27, which ComfyUI 0.3.64 ships) ignore the mode and start at randomize.
+    """
+    kind, options = spec
+    tooltip = (options["tooltip"] + " Keep 'control after generate' at fixed: randomize (where older ComfyUI "
+               "frontends start it) picks a new seed, so a different LoRA, each time you queue.")
+    return (kind, {**options, "tooltip": tooltip, "control_after_generate": "fixed"})
+
+
 def _values(names: tuple[str, ...], given: dict) -> dict:
-    """Widget values as config values (a 0 in a preset number key means 'not set')."""
+    """Widget values as config values (a 0 or 'preset' in a preset key means 'not set')."""
     fields = {f.name: f for f in config_fields(TrainConfig)}
-    return {k: v for k, v in given.items() if k in names and not (fields[k].metadata["preset"] and v == AUTO)}
+    return {k: v for k, v in given.items()
+            if k in names and not (fields[k].metadata["preset"] and v in (AUTO, PRESET))}
+
+
+def _input_folder(folder: str) -> str:
+    """A folder as ComfyUI's own loaders read it: a relative one lies in ComfyUI's input folder."""
+    import folder_paths
+
+    typed = Path(folder.strip()).expanduser()
+    if not folder.strip():
+        raise DatasetError("Set 'folder' to the folder of training images: a folder inside ComfyUI's input "
+                           "folder, or a full path.")
+    path = typed if typed.is_absolute() else Path(folder_paths.get_input_directory()) / typed
+    if not path.is_dir():
+        where = "" if typed.is_absolute() else " (a relative folder is read from ComfyUI's input folder)"
+        raise DatasetError(f"No folder {folder.strip()!r}: looked for {path}{where}. Put the images there or "
+                           "give the full path.")
+    return str(path)
 
 
 class CaptionFolder:
@@ -90,6 +128,7 @@ class CaptionFolder:
 
         from lora_trainer.caption import caption_folder, list_captions
 
+        folder = _input_folder(folder)
         config = make_config(options, CaptionConfig)
         bar = comfy.utils.ProgressBar(1)
         result = caption_folder(folder, config, listeners=[lambda e: e.kind == "progress" and
@@ -116,6 +155,7 @@ class DatasetFromFolder:
     def make(self, folder: str, **options) -> tuple[dict]:
         from lora_trainer.data import scan_dataset
 
+        folder = _input_folder(folder)
         values = {"train_data_dir": folder, **_values(DATASET_WIDGETS, options)}
         make_config(values)  # refuses bad values with the key's name
         scan = scan_dataset(folder, trigger_word=values.get("trigger_word", ""), missing_caption="trigger")
@@ -155,23 +195,67 @@ class DatasetFromImages:
         return ({"train_data_dir": str(folder), **_values(DATASET_WIDGETS, options)},)
 
 
-def comfy_backbone(model, clip, vae):
-    """A HostBackbone over the graph's model: its UNet weights without any LoRA patches, its VAE and CLIP."""
+def model_family(model) -> str:
+    """The engine's family of a ComfyUI MODEL: SD1.x, SD2.x, SDXL, or a subclass of them (SSD-1B, Vega, KOALA)."""
+    import comfy.supported_models as supported
+
+    config = model.model.model_config
+    unet = getattr(config, "unet_config", {})
+    for class_name, family in FAMILIES:
+        base = getattr(supported, class_name)
+        # same inputs as the family: no inpainting/pix2pix channels, no unCLIP/Lotus class embedding
+        if (isinstance(config, base) and unet.get("in_channels", 4) == 4
+                and unet.get("adm_in_channels") == base.unet_config["adm_in_channels"]):
+            return family
+    raise HostError(f"This model is {type(config).__name__}; LoRA Trainer trains SD1.x, SD2.x and SDXL models and "
+                    "SDXL's smaller variants (SSD-1B, Vega, KOALA), not inpainting, instruct-pix2pix, unCLIP, "
+                    "upscaler or other models.")
+
+
+def _patched(patcher) -> int:
+    """How many weights of a ComfyUI ModelPatcher carry LoRA patches (LoraLoader adds them)."""
+    return len(getattr(patcher, "patches", None) or {})
+
+
+def _plain_clip(clip):
+    """The graph's CLIP without the LoRA patches a LoraLoader added: training sees the checkpoint's own weights."""
+    plain = clip.clone()
+    plain.patcher.patches = {}
+    plain.patcher.patches_uuid = uuid.uuid4()  # ComfyUI reloads a patcher whose patches changed
+    return plain
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Forked global generators seeded with `seed`: ComfyUI before 0.3.43 draws VAE noise from them."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def comfy_backbone(model, clip, vae, seed: int = 0):
+    """A HostBackbone over the graph's model: its UNet weights without any LoRA patches, its VAE and CLIP.
+
+    Images are encoded under global generators seeded with `seed` (restored afterwards), so the latents
+    never depend on what ran before in the process.
+    """
     import comfy.model_management as mm
 
     from lora_trainer.backbones.host import HostBackbone
 
-    family = FAMILIES.get(type(model.model.model_config).__name__)
-    if family is None:
-        raise HostError(f"This model is {type(model.model.model_config).__name__}; LoRA Trainer trains SD1.x, "
-                        "SD2.x and SDXL models.")
+    family = model_family(model)
+    if _patched(getattr(clip, "patcher", None)):
+        clip = _plain_clip(clip)
     mm.unload_all_models()  # undoes any LoRA that ComfyUI patched into the shared weights
     unet_sd = {k: v.clone() if v.is_inference() else v for k, v in model.model.diffusion_model.state_dict().items()}
     latent_format = model.model.latent_format
     prediction = "v_prediction" if "V_PREDICTION" in model.model.model_type.name else "epsilon"
+    batches = count()
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        latents = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
+        with _seeded(seed + next(batches)):
+            latents = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
         return latent_format.process_in(latents).clone()
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -223,8 +307,8 @@ class TrainLora:
     def INPUT_TYPES(cls) -> dict:
         required = {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "dataset": (DATASET,),
                     "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name in models/loras."})}
-        required.update({name: _widget(TrainConfig, name, default=300 if name == "max_steps" else None)
-                         for name in TRAIN_WIDGETS})
+        required.update({name: _widget(TrainConfig, name) for name in TRAIN_WIDGETS})
+        required["seed"] = _fixed_seed(required["seed"])
         return {"required": required,
                 "optional": {"advanced": ("STRING", {"multiline": True, "default": "",
                                                      "tooltip": "More settings as YAML key: value lines (any train key)."})}}
@@ -247,7 +331,18 @@ class TrainLora:
         extra = yaml.safe_load(advanced) if advanced.strip() else {}
         if not isinstance(extra, dict):
             raise HostError("'advanced' must be YAML lines of key: value.")
-        name = safe_name(output_name)
+        name = safe_name(output_name)  # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
+        notes = []
+        if name != output_name:
+            notes.append(f"output_name {output_name!r} is saved as {name!r}: a LoRA name cannot hold folders or "
+                         "characters other than letters, digits, '-', '_', '.' and spaces.")
+        unet_patches, clip_patches = _patched(model), _patched(getattr(clip, "patcher", None))
+        if unet_patches or clip_patches:
+            notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "
+                         "text encoder weights patched, e.g. by LoraLoader). Training ignores it and learns on the "
+                         "checkpoint's own weights; the MODEL and CLIP outputs apply it and the new LoRA together.")
+        for note in notes:
+            log.warning("LoRA Trainer: %s", note)
         values = {**dataset, **_values(TRAIN_WIDGETS, options), **extra, "output_name": name,
                   "output_dir": str(Path(folder_paths.get_output_directory()) / "lora_trainer" / name)}
         values.setdefault("sample_prompts", [])
@@ -266,7 +361,7 @@ class TrainLora:
 
         # ComfyUI runs nodes under inference_mode; training needs autograd back, on clones of its tensors
         with torch.inference_mode(False), torch.enable_grad():
-            backbone = comfy_backbone(model, clip, vae)
+            backbone = comfy_backbone(model, clip, vae, seed=config.seed)
             result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
         if result.interrupted:
             if result.lora_file:
@@ -277,7 +372,8 @@ class TrainLora:
         lora = comfy.utils.load_torch_file(str(target), safe_load=True)
         model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         plot = torch.from_numpy(np.asarray(loss_plot(result.losses), dtype=np.float32) / 255.0)[None]
-        return model_lora, clip_lora, target.name, plot
+        report = "\n".join([f"Saved {target} ({result.steps} steps).", *notes])
+        return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, target.name, plot)}
 
 
 class TestLoraGrid:
