@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_caption_benchmark_runs_at_tiny_size(tmp_path):
     from lora_trainer.bench import bench_caption
@@ -11,6 +13,7 @@ def test_caption_benchmark_runs_at_tiny_size(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["images"] == 8
 
 
+@pytest.mark.slow
 def test_training_benchmark_runs_at_tiny_size(tmp_path):
     from lora_trainer.bench import bench_train
 
@@ -31,7 +34,6 @@ def test_training_benchmark_runs_at_tiny_size(tmp_path):
 
 
 def test_language_model_benchmark_runs_at_tiny_size(tmp_path):
-    import pytest
     import transformers
 
     if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):

@@ -44,6 +44,7 @@ def _launch(config: dict, folder: Path, processes: int = 2, pattern: str = "*.sa
     return files[0], logs
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_step(sd1_checkpoint, tmp_path):
     from lora_trainer.lora.kohya import read_lora_file
 
@@ -64,6 +65,7 @@ def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_
     assert any(v.abs().max() > 0 for k, v in loras["on"].items() if "lora_up" in k)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_language_model_adapter_the_same_both_ways(tmp_path):
     transformers = pytest.importorskip("transformers")
     if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):
