@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lora_trainer.config import TrainConfig, make_config, renamed_note, safe_name, step_name
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import DatasetError, LoraTrainerError
 from lora_trainer.train.events import CancelToken, Event, Listener
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,6 @@ def check_images(config: TrainConfig) -> None:
     from lora_trainer.data import scan_dataset
 
     if not config.train_data_dir.strip():
-        from lora_trainer.errors import DatasetError
-
         raise DatasetError("Give the folder that holds your training images (train_data_dir).")
     quiet = _OtherThreadsOnly()
     logger = logging.getLogger("lora_trainer.data.images")
