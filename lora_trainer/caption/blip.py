@@ -14,6 +14,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -90,9 +91,12 @@ def _from_pretrained(source: str, *, local_only: bool, allow_pickle: bool):
     """The BLIP model (in eval mode) and processor of a folder or Hub id."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    processor = BlipProcessor.from_pretrained(source, local_files_only=local_only)
-    model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only,
-                                                         use_safetensors=None if allow_pickle else True)
+    with warnings.catch_warnings():
+        # older transformers (the WebUI's 4.30) pass huggingface_hub an argument it deprecates: not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning, module="huggingface_hub")
+        processor = BlipProcessor.from_pretrained(source, local_files_only=local_only)
+        model = BlipForConditionalGeneration.from_pretrained(source, local_files_only=local_only,
+                                                             use_safetensors=None if allow_pickle else True)
     return model.eval(), processor
 
 
