@@ -454,4 +454,4 @@ def test_output_name_never_leaves_the_loras_or_output_folder(comfy, dataset, tmp
     allowed = (comfy.loras, tmp_path / "output" / "lora_trainer" / "x")
     assert written and all(any(p.is_relative_to(folder) for folder in allowed) for p in written), written
     assert output["result"][2] == "x.safetensors"
-    assert "'../../../escape/x' is saved as 'x'" in output["ui"]["text"][0]
+    assert "The name '../../../escape/x' was changed to 'x'" in output["ui"]["text"][0]

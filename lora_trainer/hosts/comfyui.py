@@ -20,7 +20,15 @@ import torch
 import yaml
 from PIL import Image
 
-from lora_trainer.config import CaptionConfig, TrainConfig, config_fields, make_config, safe_name
+from lora_trainer.config import (
+    CaptionConfig,
+    TrainConfig,
+    config_fields,
+    make_config,
+    renamed_note,
+    safe_name,
+    step_name,
+)
 from lora_trainer.errors import DatasetError, HostError
 
 log = logging.getLogger(__name__)
@@ -332,10 +340,7 @@ class TrainLora:
         if not isinstance(extra, dict):
             raise HostError("'advanced' must be YAML lines of key: value.")
         name = safe_name(output_name)  # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
-        notes = []
-        if name != output_name:
-            notes.append(f"output_name {output_name!r} is saved as {name!r}: a LoRA name cannot hold folders or "
-                         "characters other than letters, digits, '-', '_', '.' and spaces.")
+        notes = [note] if (note := renamed_note(output_name, name)) else []
         unet_patches, clip_patches = _patched(model), _patched(getattr(clip, "patcher", None))
         if unet_patches or clip_patches:
             notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "
@@ -365,7 +370,7 @@ class TrainLora:
             result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
         if result.interrupted:
             if result.lora_file:
-                saved = publish(result.lora_file, f"{name}-step{result.steps:08d}")
+                saved = publish(result.lora_file, step_name(name, result.steps))
                 log.info("LoRA Trainer: interrupted; the LoRA so far is %s", saved)
             raise mm.InterruptProcessingException()  # ComfyUI then reports the run as interrupted
         target = publish(result.lora_file, name)

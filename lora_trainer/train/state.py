@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer import __version__
-from lora_trainer.config import TrainConfig, to_yaml
+from lora_trainer.config import TrainConfig, step_name, to_yaml
 from lora_trainer.errors import CheckpointError, TrainingError
 from lora_trainer.lora.inject import load_lora_state, lora_state
 from lora_trainer.lora.kohya import save_lora_file, to_kohya
@@ -119,7 +119,7 @@ def save(out_dir: Path, config: TrainConfig, family: str, backbone, trained: lis
     final = root / f"step-{step:08d}"
     lora_path = None
     if kind != "final":
-        lora_path = out_dir / f"{config.output_name}-step{step:08d}.safetensors"
+        lora_path = out_dir / f"{step_name(config.output_name, step)}.safetensors"
         export_lora(lora_path, config, family, backbone, trained, step, epoch, meta)
     state = {
         "loras": [{k: v.detach().float().cpu() for k, v in lora_state(model).items()} for model in trained],
