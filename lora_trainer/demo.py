@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import make_config
+from lora_trainer.events import Listener
 from lora_trainer.lora.inject import apply_lora_file
-from lora_trainer.train.events import Listener
 from lora_trainer.train.loop import train_lora
 
 log = logging.getLogger(__name__)

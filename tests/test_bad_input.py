@@ -17,10 +17,10 @@ from lora_trainer.backbones.sd import DiffusionBackbone, family_of
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import TrainConfig, load_config, make_config
 from lora_trainer.errors import CheckpointError, ConfigError, DatasetError, TrainingError
+from lora_trainer.events import CancelToken, Event
 from lora_trainer.hosts.cli import main
 from lora_trainer.lora import kohya
 from lora_trainer.lora.kohya import read_lora_file, save_lora_file
-from lora_trainer.train.events import CancelToken, Event
 from lora_trainer.train.loop import train_lora
 
 # -- shared helpers ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from lora_trainer.caption.blip import PROGRESS_FILE
 from lora_trainer.caption.synthetic import random_blip
 from lora_trainer.config import CaptionConfig
 from lora_trainer.data import scan_dataset
-from lora_trainer.train.events import CancelToken
+from lora_trainer.events import CancelToken
 
 
 @pytest.fixture(scope="module")

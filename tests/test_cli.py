@@ -19,9 +19,9 @@ from PIL import Image
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import config_fields, make_config
+from lora_trainer.events import CancelToken, Event
 from lora_trainer.hosts.cli import main
 from lora_trainer.lora.kohya import read_lora_file, save_lora_file
-from lora_trainer.train.events import CancelToken, Event
 from lora_trainer.train.loop import train_lora
 
 

@@ -15,9 +15,9 @@ from lora_trainer.backbones.ldm import unet_to_ldm
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import tiny_state_dict
 from lora_trainer.errors import ConfigError
+from lora_trainer.events import CancelToken
 from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.lora.kohya import lora_modules, read_lora_file
-from lora_trainer.train.events import CancelToken
 from lora_trainer.train.loop import train_lora
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")

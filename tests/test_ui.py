@@ -11,8 +11,8 @@ from conftest import quick_config
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.app import StandaloneHost
+from lora_trainer.jobs import BusyError, Trainer, describe
 from lora_trainer.train.loop import TrainResult
-from lora_trainer.ui.jobs import BusyError, Trainer, describe
 
 
 def _values(checkpoint: Path, data: Path, **extra) -> dict:

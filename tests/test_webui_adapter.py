@@ -276,7 +276,7 @@ def test_lowvram_is_refused_with_a_message(webui):
 
 
 def test_a_second_job_is_refused_while_one_runs(webui):
-    from lora_trainer.ui.jobs import BusyError
+    from lora_trainer.jobs import BusyError
 
     trainer = webui.a1111.trainer()
     queue_lock = sys.modules["modules.call_queue"].queue_lock

@@ -26,7 +26,7 @@ from lora_trainer.caption.store import CaptionWriter, write_text_atomic
 from lora_trainer.config import CaptionConfig
 from lora_trainer.data.images import UnusableImage, current_captions, find_images, load_image, sidecar_files
 from lora_trainer.errors import ConfigError, DatasetError, LoraTrainerError
-from lora_trainer.train.events import CancelToken, EventBus, Listener
+from lora_trainer.events import CancelToken, EventBus, Listener
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 
 from lora_trainer.config import TrainConfig, config_fields
 from lora_trainer.errors import HostError
-from lora_trainer.train.events import CancelToken, Event, Listener
-from lora_trainer.ui.jobs import BusyError, Trainer
+from lora_trainer.events import CancelToken, Event, Listener
+from lora_trainer.jobs import BusyError, Trainer
 
 log = logging.getLogger(__name__)
 

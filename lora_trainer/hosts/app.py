@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from lora_trainer.config import TrainConfig, safe_name
 from lora_trainer.errors import ConfigError
-from lora_trainer.train.events import CancelToken, Listener
-from lora_trainer.ui.jobs import BusyError
+from lora_trainer.events import CancelToken, Listener
+from lora_trainer.jobs import BusyError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,9 +94,9 @@ def make_app(host: StandaloneHost):
     import gradio as gr
     from fastapi import FastAPI
 
+    from lora_trainer.jobs import Trainer
     from lora_trainer.ui.api import register_api
     from lora_trainer.ui.blocks import build_blocks
-    from lora_trainer.ui.jobs import Trainer
 
     trainer = Trainer(host)
     blocks = build_blocks(host, trainer)

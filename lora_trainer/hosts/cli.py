@@ -12,7 +12,7 @@ from pathlib import Path
 from lora_trainer import __version__
 from lora_trainer.config import CaptionConfig, config_fields, load_config, make_config, markdown_table, resolve, to_yaml
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.train.events import Event
+from lora_trainer.events import Event
 
 log = logging.getLogger("lora_trainer")
 

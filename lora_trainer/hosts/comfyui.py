@@ -332,7 +332,7 @@ class TrainLora:
         import comfy.utils
         import folder_paths
 
-        from lora_trainer.train.events import CancelToken
+        from lora_trainer.events import CancelToken
         from lora_trainer.train.loop import train_lora
         from lora_trainer.train.plot import loss_plot
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from lora_trainer import __version__
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import CheckpointError, ConfigError, TrainingError
+from lora_trainer.events import CancelToken, EventBus, Listener
 from lora_trainer.text.data import IGNORE, Example, build_dataset
-from lora_trainer.train.events import CancelToken, EventBus, Listener
 from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 

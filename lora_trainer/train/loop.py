@@ -25,10 +25,10 @@ from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.data import process_caption, scan_dataset, tag_frequency
 from lora_trainer.data.cache import CachedImage, assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError, TrainingError
+from lora_trainer.events import CancelToken, EventBus, Listener
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, read_init_lora
 from lora_trainer.lora.kohya import FAMILY_NAMES, lora_family, lora_modules, read_lora_file
 from lora_trainer.train import state as checkpoints
-from lora_trainer.train.events import CancelToken, EventBus, Listener
 from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 

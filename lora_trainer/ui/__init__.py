@@ -1,4 +1,4 @@
-"""The LoRA Train UI: Gradio Blocks shared by the WebUI tab and the standalone app, and the job runner behind them.
+"""The LoRA Train UI: Gradio Blocks shared by the WebUI tab and the standalone app,.
 
-`blocks` imports gradio; `jobs` and `render` do not, so the API routes and ComfyUI use them without it.
+`blocks` imports gradio; `render` does not, so ComfyUI uses it without gradio.
 """

@@ -6,7 +6,7 @@ Bodies are read as plain JSON, so the routes work under pydantic 1 (WebUI) and 2
 
 # no `from __future__ import annotations`: FastAPI must see the real Request class in the route signature
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui.jobs import BusyError, Trainer
+from lora_trainer.jobs import BusyError, Trainer
 
 PREFIX = "/lora_trainer"
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from lora_trainer.config import FAMILIES, PRESETS, CaptionConfig, TrainConfig, config_fields, make_config
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui.jobs import Trainer, describe
+from lora_trainer.jobs import Trainer, describe
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lora_trainer.config import TrainConfig, make_config, renamed_note, safe_name, step_name
 from lora_trainer.errors import DatasetError, LoraTrainerError
-from lora_trainer.train.events import CancelToken, Event, Listener
+from lora_trainer.events import CancelToken, Event, Listener
 
 log = logging.getLogger(__name__)
 
