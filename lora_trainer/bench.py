@@ -596,7 +596,7 @@ def bench_lm(size: str = "real", batch: int = 4, seq: int = 1024, steps: int = 2
              out: Path | None = None, checkpointing: bool = False) -> dict:
     """A random-weight LLaMA of ~1.1B parameters (or tiny): our causal-LM trainer beside a plain transformers +
     peft loop with the same settings (bf16, LoRA r8 on q_proj,v_proj, AdamW, seq tokens per row); tokens/s."""
-    from lora_trainer.text.tiny import build_tiny_lm
+    from lora_trainer.backbones.tiny_lm import build_tiny_lm
 
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)

@@ -14,11 +14,11 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):
 
 from safetensors.torch import load_file
 
+from lora_trainer.backbones.tiny_lm import build_tiny_lm, word_tokenizer
 from lora_trainer.config import make_config
+from lora_trainer.data.text import IGNORE, build_dataset, pack, tokenize_record
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.events import CancelToken
-from lora_trainer.text.data import IGNORE, build_dataset, pack, tokenize_record
-from lora_trainer.text.tiny import build_tiny_lm, word_tokenizer
 from lora_trainer.train.loop import train_lora
 
 COLOURS, SIZES, FOODS = ["red", "blue", "green", "black"], ["big", "small"], ["one", "two"]

@@ -72,7 +72,7 @@ def test_two_processes_train_one_language_model_adapter_the_same_both_ways(tmp_p
         pytest.skip("language-model training needs transformers >= 4.40")
     from safetensors.torch import load_file
 
-    from lora_trainer.text.tiny import build_tiny_lm
+    from lora_trainer.backbones.tiny_lm import build_tiny_lm
 
     texts = [f"the {c} cat sat on the {s} mat ." for c in ("red", "blue", "green", "black") for s in ("big", "small")]
     model = build_tiny_lm(tmp_path / "model", texts, context=128)

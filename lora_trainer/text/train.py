@@ -3,7 +3,7 @@
 The same config, command and events as images: accelerate for devices, precision and several GPUs; the same
 schedules, accumulation, checkpoints every N steps/epochs with exact resume, `init_lora`, TensorBoard, progress
 and Ctrl-C. What differs is the model (any `AutoModelForCausalLM` folder, loaded offline), the LoRA (peft's
-`LoraConfig(task_type=CAUSAL_LM)`), the data (lora_trainer.text.data) and the output: a peft adapter folder
+`LoraConfig(task_type=CAUSAL_LM)`), the data (lora_trainer.data.text) and the output: a peft adapter folder
 that `PeftModel.from_pretrained` loads, optionally a merged model folder, and held-out perplexity before and after.
 """
 
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from lora_trainer import __version__
 from lora_trainer.config import TrainConfig, resolve, to_yaml
+from lora_trainer.data.text import IGNORE, Example, build_dataset
 from lora_trainer.errors import CheckpointError, ConfigError, TrainingError
 from lora_trainer.events import CancelToken, EventBus, Listener
-from lora_trainer.text.data import IGNORE, Example, build_dataset
 from lora_trainer.train.graphs import CapturedStep, average_across_processes, graphs_wanted
 from lora_trainer.train.optim import make_optimizer, make_scheduler
 
