@@ -11,14 +11,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import build_tiny_checkpoint
 from lora_trainer.config import make_config
 from lora_trainer.events import Listener
-from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.train.loop import train_lora
 
 log = logging.getLogger(__name__)
@@ -50,11 +48,8 @@ def render(checkpoint: Path, lora: Path | None, prompt: str, size: int = 64) -> 
     """One image from the checkpoint, with the LoRA file applied if given."""
     backbone = DiffusionBackbone.from_file(checkpoint)
     if lora is not None:
-        apply_lora_file(backbone, str(lora))
-    pipe = backbone.sampling_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=10, guidance_scale=5.0, height=size, width=size, generator=generator).images[0]
+        backbone.apply_lora_file(str(lora))
+    return backbone.render(prompt, steps=10, guidance=5.0, seed=0, size=size)
 
 
 def run_demo(workdir: Path, steps: int = 60, listeners: list[Listener] | tuple[Listener, ...] = ()) -> Path:

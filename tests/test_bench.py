@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from lora_trainer.bench import bench_caption, bench_lm, bench_train
+
 
 def test_caption_benchmark_runs_at_tiny_size(tmp_path):
-    from lora_trainer.bench import bench_caption
-
     report = bench_caption("tiny", images=8, batch_size=4, plain_images=2, device="cpu", out=tmp_path / "b.json")
     assert report["ours_images_per_s"] > 0 and report["plain_loop_images_per_s"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["images"] == 8
@@ -15,8 +15,6 @@ def test_caption_benchmark_runs_at_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_training_benchmark_runs_at_tiny_size(tmp_path):
-    from lora_trainer.bench import bench_train
-
     report = bench_train("sd15", batch=2, steps=3, size="tiny", device="cpu", out=tmp_path / "t.json", processes=2,
                          levers=True)
     assert [row["trainer"] for row in report["rows"]] == ["plain eager diffusers + peft", "lora_trainer, eager step",
@@ -38,8 +36,6 @@ def test_language_model_benchmark_runs_at_tiny_size(tmp_path):
 
     if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 40):
         pytest.skip("language-model training needs transformers >= 4.40")
-    from lora_trainer.bench import bench_lm
-
     report = bench_lm("tiny", batch=2, seq=64, steps=6, device="cpu", out=tmp_path / "lm.json")
     assert [row["trainer"] for row in report["rows"]] == ["plain transformers + peft", "lora_trainer, eager step",
                                                          "lora_trainer (cuda_graphs: auto)"]

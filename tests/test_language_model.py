@@ -95,8 +95,8 @@ def test_a_checkpoints_adapter_gives_the_trained_weights_logits_and_resume_is_ex
                              LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in trained.named_parameters():
-            if name in state["lora"]:
-                p.copy_(state["lora"][name])
+            if name in state["loras"][0]:
+                p.copy_(state["loras"][0][name])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm, local_files_only=True),
                                          str(first.lora_file))
     trained.eval()

@@ -16,7 +16,6 @@ from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny import tiny_state_dict
 from lora_trainer.errors import ConfigError
 from lora_trainer.events import CancelToken
-from lora_trainer.lora.inject import apply_lora_file
 from lora_trainer.lora.kohya import lora_modules, read_lora_file
 from lora_trainer.train.loop import train_lora
 
@@ -69,7 +68,7 @@ def test_loss_falls_and_lora_changes_the_unet_output(sd1_checkpoint, tmp_path):
     base = DiffusionBackbone.from_file(sd1_checkpoint)
     before = _eval_loss(base, data)
     trained = DiffusionBackbone.from_file(sd1_checkpoint)
-    apply_lora_file(trained, str(result.lora_file))
+    trained.apply_lora_file(str(result.lora_file))
     after = _eval_loss(trained, data)
     assert after < before * 0.9, (before, after)
 
@@ -109,7 +108,7 @@ def test_file_loads_in_diffusers_with_every_key_used_and_merges_exactly(sd1_chec
 
     # our own loader (used for previews) gives the same UNet output as diffusers' loader
     ours = DiffusionBackbone.from_file(sd1_checkpoint)
-    apply_lora_file(ours, str(result.lora_file))
+    ours.apply_lora_file(str(result.lora_file))
     latents, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([300])
     with torch.no_grad():
         cond = ours.encode_prompts(["inkwash"])
@@ -293,12 +292,11 @@ def test_snr_matches_diffusers_compute_snr():
         pytest.skip("diffusers.training_utils does not import with this transformers")
     from diffusers import DDPMScheduler
 
-    from lora_trainer.backbones.sd import SCHEDULER
-    from lora_trainer.train.loop import _snr
+    from lora_trainer.backbones.sd import SCHEDULER, snr
 
     scheduler = DDPMScheduler(**SCHEDULER)
     t = torch.tensor([0, 10, 500, 999])
-    assert torch.allclose(_snr(scheduler.alphas_cumprod, t), training_utils.compute_snr(scheduler, t))
+    assert torch.allclose(snr(scheduler.alphas_cumprod, t), training_utils.compute_snr(scheduler, t))
 
 
 def test_ctrl_c_between_accumulated_batches_resumes_exactly(sd1_checkpoint, dataset, tmp_path, monkeypatch):
@@ -361,14 +359,14 @@ def test_the_graph_ready_step_resumes_exactly(sd1_checkpoint, dataset, tmp_path)
 
 def test_why_a_step_is_or_is_not_captured():
     from lora_trainer.config import resolve
-    from lora_trainer.train.graphs import graphs_wanted
+    from lora_trainer.train.step import graphs_wanted
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 
     def wanted(device=cuda, processes=1, te=False, precision="bf16", steps=500, buckets=2, **values):
-        config = resolve(quick_config(Path("m"), Path("d"), Path("o"), **values), "sd1")
-        return graphs_wanted(config, device, num_processes=processes, text_encoder_trained=te,
-                             mixed_precision=precision, total_steps=steps, buckets=buckets)
+        config = resolve(quick_config(Path("m"), Path("d"), Path("o"), mixed_precision=precision, **values), "sd1")
+        return graphs_wanted(config, device, num_processes=processes, blockers=["text-encoder training"] if te else [],
+                             total_steps=steps, shapes=buckets)
 
     assert wanted()[:2] == (True, True)
     assert wanted(device=cpu)[:2] == (False, False) and "not on a CUDA GPU" in wanted(device=cpu)[2]

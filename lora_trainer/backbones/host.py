@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_trainer.backbones import ldm
+from lora_trainer.backbones import ldm, weights_identity
 from lora_trainer.backbones.sd import DiffusionBackbone
 
 
@@ -27,6 +27,7 @@ class HostBackbone(DiffusionBackbone):
     prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = field(default=None, kw_only=True)
     release: Callable[[], None] | None = field(default=None, kw_only=True)
     image_decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True)
+    encoder_id: str = field(default="", kw_only=True)  # names the host's image encoder (see `identity`)
 
     @classmethod
     def from_ldm_unet(cls, unet_state_dict: dict[str, torch.Tensor], family: str, *,
@@ -34,18 +35,24 @@ class HostBackbone(DiffusionBackbone):
                       encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
                       pooled_dim: int | None = None, prediction_type: str = "epsilon",
                       name: str = "host model", release: Callable[[], None] | None = None,
-                      decode_images: Callable[[torch.Tensor], torch.Tensor] | None = None) -> HostBackbone:
+                      decode_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      encoder_id: str = "") -> HostBackbone:
         """Share a host's LDM UNet tensors (keys without 'model.diffusion_model.') and use its encoders.
 
         `encode_images` takes pixels in [-1, 1] (B, 3, H, W) and returns latents already scaled by the VAE
         factor; `encode_prompts` returns {'hidden': (B, 77, C)} and for SDXL also {'pooled': (B, P)};
-        `decode_images` (optional: it enables preview images) turns such latents back into pixels in [-1, 1].
+        `decode_images` (optional: it enables preview images) turns such latents back into pixels in [-1, 1];
+        `encoder_id` names the host's VAE (e.g. `weights_identity(vae_module)`) for the latent cache's key.
         """
         unet = ldm.unet_from_ldm(unet_state_dict, family, pooled_dim)
         return cls(family=family, unet=unet, vae=None, text_encoders=[], tokenizers=[],
                    prediction_type=prediction_type, name=name,
                    image_encoder=encode_images, prompt_encoder=encode_prompts, release=release,
-                   image_decoder=decode_images)
+                   image_decoder=decode_images, encoder_id=encoder_id)
+
+    def identity(self) -> str:
+        """The latent cache's key: the shared UNet's weights and the host's image encoder (`encoder_id`)."""
+        return f"{weights_identity(self.unet)}|{self.encoder_id}"
 
     def offload_encoders(self) -> None:
         """Let the host free its VAE and text encoder (`release`), once everything is encoded."""
@@ -63,7 +70,7 @@ class HostBackbone(DiffusionBackbone):
             return self.prompt_encoder(prompts)
 
     @property
-    def can_render(self) -> bool:
+    def can_sample(self) -> bool:
         """Preview images need the host's VAE decoder."""
         return self.image_decoder is not None
 

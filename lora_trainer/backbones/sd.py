@@ -1,8 +1,9 @@
-"""The Stable Diffusion backbone (SD1.x, SD2.x, SDXL): what the training loop trains.
+"""The Stable Diffusion families (SD1.x, SD2.x, SDXL): the UNet the loop trains, and everything around it.
 
-It offers `encode_images`, `encode_prompts`, `predict` and the names of the modules a LoRA can
-wrap. Built from a single-file checkpoint, a diffusers folder, or (for hosts) an LDM UNet state dict
-held in memory, which it then shares rather than copies.
+Loading (a single-file checkpoint or a diffusers folder; hosts build one from their loaded UNet, see
+backbones/host.py), the LoRA targets (UNet and text encoders, in kohya's naming), the cached inputs (latents
+per bucket, text conditioning per caption), the objective (noise or v prediction, Min-SNR weighting),
+previews, and the export as a kohya LoRA file that every host reads.
 """
 
 from __future__ import annotations
@@ -10,17 +11,35 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lora_trainer.backbones import ldm
+from lora_trainer.backbones import ldm, weights_identity
 from lora_trainer.backbones.checkpoint import UNET_PREFIX, checkpoint_keys, detect_family, read_checkpoint
 from lora_trainer.backbones.tokenizer import clip_tokenizer
-from lora_trainer.errors import CheckpointError
+from lora_trainer.config import TrainConfig
+from lora_trainer.data import DatasetScan, process_caption, scan_dataset, tag_frequency
+from lora_trainer.data.cache import assign_buckets, encode_dataset
+from lora_trainer.errors import CheckpointError, ConfigError
+from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
+from lora_trainer.lora.kohya import (
+    FAMILY_NAMES,
+    TEXT_PREFIXES,
+    kohya_metadata,
+    kohya_module_name,
+    lora_family,
+    lora_modules,
+    read_lora_file,
+    save_lora_file,
+    to_kohya,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +85,33 @@ class DiffusionBackbone:
     name: str = "model"
     max_token_length: int = 75
     noise_scheduler: DDPMScheduler = field(init=False)
-    # what runs the UNet's forward while training: accelerate's wrapper (DDP on several GPUs), else the UNet
-    runner: torch.nn.Module | None = field(default=None, init=False)
+    model_type = "image"
+    can_compile = True
+    # what one run sets up in `prepare` and `add_lora` (a backbone trains once: hosts build one per run)
+    run: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.noise_scheduler = DDPMScheduler(**SCHEDULER, prediction_type=self.prediction_type)
+
+    @classmethod
+    def detect(cls, config: TrainConfig) -> str | None:
+        """The family of `config.base_model` (a checkpoint file or diffusers folder), read from its keys."""
+        return family_of(config.base_model, config.allow_pickle)
+
+    @classmethod
+    def read_data(cls, config: TrainConfig) -> DatasetScan:
+        """The image folder, scanned (nothing decoded yet); an init_lora of another family is refused here too."""
+        if config.init_lora:
+            _check_init_lora_family(config.init_lora, config.family)
+        return scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
+                            missing_caption=config.missing_caption, trigger_word=config.trigger_word, default_repeats=1)
+
+    @classmethod
+    def load(cls, config: TrainConfig, data: DatasetScan) -> DiffusionBackbone:
+        """The checkpoint file or diffusers folder `base_model`."""
+        return cls.from_file(config.base_model, family=config.family, prediction_type=config.prediction_type,
+                             allow_pickle=config.allow_pickle, clip_skip=config.clip_skip,
+                             max_token_length=config.max_token_length)
 
     @classmethod
     def from_file(cls, path: str | Path, *, family: str = "auto", prediction_type: str = "auto",
@@ -121,17 +162,12 @@ class DiffusionBackbone:
         return cls(family=detected, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                    prediction_type=_prediction(prediction_type, detected), clip_skip=clip_skip, name=folder.name)
 
-    # -- what the training loop calls -------------------------------------------------------------
+    # -- encoders and the UNet --------------------------------------------------------------------
 
     def offload_encoders(self) -> None:
         """Free the accelerator of the text encoders once captions are encoded (the VAE already left)."""
         for encoder in self.text_encoders:
             encoder.to("cpu")
-
-    @property
-    def can_render(self) -> bool:
-        """Whether preview images can be made from this backbone's own modules."""
-        return self.vae is not None and bool(self.text_encoders)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents of images in [-1, 1] (B, 3, H, W), already multiplied by the VAE's scaling factor."""
@@ -187,14 +223,13 @@ class DiffusionBackbone:
         return out.last_hidden_state
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
-                time_ids: torch.Tensor | None = None, runner: torch.nn.Module | None = None) -> torch.Tensor:
-        """The UNet's prediction (noise or v) for noisy latents at `timesteps` under `cond`; `runner` is the UNet
-        as the training step calls it (a compiled one), where it differs from `self.runner` / `self.unet`."""
+                time_ids: torch.Tensor | None = None, unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The UNet's prediction (noise or v) for noisy latents at `timesteps` under `cond`; `unet` is the UNet as
+        the training step calls it (wrapped for several GPUs, or compiled), else this backbone's own."""
         extra = None
         if self.family == "sdxl":
             extra = {"text_embeds": cond["pooled"], "time_ids": time_ids}
-        unet = next(m for m in (runner, self.runner, self.unet) if m is not None)  # a compiled module has no bool()
-        return unet(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
+        return (self.unet if unet is None else unet)(noisy, timesteps, cond["hidden"], added_cond_kwargs=extra).sample
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What `predict` should output: the noise, or v for v-prediction models."""
@@ -214,6 +249,254 @@ class DiffusionBackbone:
         """Full names of a text encoder's attention and MLP layers (kohya's text-encoder targets)."""
         return [name for name, module in encoder.named_modules()
                 if isinstance(module, torch.nn.Linear) and TEXT.search(name)]
+
+    # -- training: what the loop asks (lora_trainer.backbones.Backbone) ----------------------------
+
+    def prepare(self, config: TrainConfig, data: DatasetScan, accelerator, bus) -> list[tuple[Hashable, int]]:
+        """Encode every image (and, when captions never change, every caption) once; place the frozen modules."""
+        if config.train_text_encoder and not self.text_encoders:
+            raise ConfigError("This model's text encoder cannot be trained here (the host encodes captions itself); "
+                              "set train_text_encoder: false.")
+        device = accelerator.device
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        run = self.run
+        run.update(config=config, accelerator=accelerator, device=device, dtype=dtype, scan=data)
+        init = None
+        if config.init_lora:  # read and matched to this model's layers before the slow caching
+            init = self.read_lora(config.init_lora, config.lora_alpha)
+            _check_init_lora_fits(config.init_lora, init, [self.unet, *self.text_encoders], self.family)
+        run["init"] = init
+        run["te_train"] = config.train_text_encoder or bool(init and any(init[1:]))
+        if self.vae is not None:
+            _place(self.vae, device, torch.float32)
+        buckets = assign_buckets(data.items, config.resolution, config.enable_buckets,
+                                 config.min_bucket_reso, config.max_bucket_reso)
+        run["buckets"] = buckets
+        cache_file = Path(config.output_dir) / "cache" / "latents.safetensors" if config.cache_latents_to_disk else None
+        # the VAE's activations, not the UNet, set the peak at large sizes: 4 images at 512 px, 1 at 768 px and up
+        vae_batch = max(1, 4 * 512 * 512 // (config.resolution * config.resolution))
+        cache = encode_dataset(data.items, buckets, self.encode_images, flip=config.flip_aug, cache_file=cache_file,
+                               batch_size=vae_batch, model_id=self.identity() if cache_file else "",
+                               on_progress=lambda done, total: bus.emit("progress", done, total, phase="caching"))
+        if self.vae is not None:
+            self.vae.to("cpu")
+        for entry in cache:  # a few KiB per image: keep them on the GPU so steps never wait for copies
+            entry.latents = entry.latents.to(device, dtype)
+            if entry.latents_flipped is not None:
+                entry.latents_flipped = entry.latents_flipped.to(device, dtype)
+        run["cache"] = cache
+        for encoder in self.text_encoders:
+            encoder.requires_grad_(False)
+            _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
+        self.unet.requires_grad_(False)
+        _place(self.unet, device, dtype)
+        # text conditioning: cached once unless captions change per step or the text encoder trains
+        run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]
+        text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        if not run["varying"]:
+            with torch.no_grad():
+                for caption in sorted({entry.item.caption for entry in cache}):
+                    text_cache[caption] = {k: v[0] for k, v in self.encode_prompts([caption]).items()}
+            if not config.sample_prompts or not self.can_sample:
+                self.offload_encoders()
+        run["text_cache"] = text_cache
+        return [(entry.bucket, entry.item.repeats * config.repeats) for entry in cache]
+
+    def identity(self) -> str:
+        """What the latent cache is keyed by: the weights of the UNet and of the VAE that encodes the images."""
+        return weights_identity(self.unet, self.vae)
+
+    def add_lora(self, config: TrainConfig) -> list[dict]:
+        """LoRA layers on the UNet (and the text encoders when they train), filled from init_lora if given."""
+        init, te_train = self.run["init"], self.run["te_train"]
+        targets = sorted(set(self.unet_lora_targets(config.lora_targets)) | set(init[0] if init else ()))
+        ranks = {name: parts["down"].shape[0] for name, parts in (init[0] if init else {}).items()}
+        params = add_lora(self.unet, targets, config.lora_rank, config.lora_alpha, config.lora_dropout, ranks)
+        groups = [{"params": params, "lr": config.learning_rate}]
+        if te_train:
+            te_params = []
+            for index, encoder in enumerate(self.text_encoders):
+                modules = init[index + 1] if init else {}
+                names = sorted(set(self.text_lora_targets(encoder)) | set(modules))
+                te_params += add_lora(encoder, names, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                      {n: p["down"].shape[0] for n, p in modules.items()})
+            groups.append({"params": te_params, "lr": config.text_encoder_lr})
+        if init:
+            for model, modules in zip([self.unet, *self.text_encoders], init):
+                if modules:
+                    fill_lora(model, modules)
+        for group in groups:
+            for p in group["params"]:
+                p.data = p.data.float()
+        if self.run["dtype"] != torch.float32 and self.run["device"].type in ("cuda", "cpu"):
+            keep_lora_input_dtype(self.unet, *self.text_encoders)  # every forward there runs under autocast
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            for encoder in self.text_encoders if te_train else ():
+                encoder.gradient_checkpointing_enable()
+        return groups
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """The UNet, and the text encoders when their LoRA trains."""
+        return [self.unet] + (self.text_encoders if self.run["te_train"] else [])
+
+    def capture_blockers(self, config: TrainConfig) -> list[str]:
+        """Text-encoder training runs outside the captured step."""
+        return ["text-encoder training"] if self.run["te_train"] else []
+
+    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Latents (mirrored by coin flips from `gen`), noise and timesteps (from `device_gen`), the noised latents,
+        the target, the text conditioning and SDXL's size conditioning."""
+        run, config = self.run, self.run["config"]
+        cache, device, dtype = run["cache"], run["device"], run["dtype"]
+        flips = torch.rand(len(indices), generator=gen) < 0.5
+        latents = torch.stack([cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
+                               for i, flip in zip(indices, flips.tolist())])
+        captions = [cache[i].item.caption for i in indices]
+        noise = torch.randn(latents.shape, generator=device_gen, device=device, dtype=dtype)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=device_gen,
+                                                              device=device, dtype=dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(indices),),
+                                  generator=device_gen, device=device)
+        if run["varying"]:
+            captions = [process_caption(c, shuffle=config.shuffle_captions, keep_tokens=config.keep_tokens,
+                                        dropout=config.caption_dropout, generator=gen) for c in captions]
+            with torch.set_grad_enabled(run["te_train"]), run["accelerator"].autocast():
+                cond = self.encode_prompts(captions)
+        else:
+            cond = {k: torch.stack([run["text_cache"][c][k] for c in captions]) for k in run["text_cache"][captions[0]]}
+        inputs = {"noisy": self.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+                  "target": self.target(latents, noise, timesteps), **{f"cond_{k}": v for k, v in cond.items()}}
+        if self.family == "sdxl":
+            inputs["time_ids"] = torch.stack([cache[i].time_ids for i in indices]).to(device)
+        if config.min_snr_gamma:
+            ratio = snr(self.noise_scheduler.alphas_cumprod, timesteps)
+            inputs["weight"] = torch.clamp(ratio, max=config.min_snr_gamma) / \
+                (ratio + 1 if self.prediction_type == "v_prediction" else ratio)
+        return inputs
+
+    def loss(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean squared error of the prediction against the target, per image weighted by Min-SNR if asked."""
+        cond = {k.removeprefix("cond_"): v for k, v in inputs.items() if k.startswith("cond_")}
+        pred = self.predict(inputs["noisy"], inputs["timesteps"], cond, inputs.get("time_ids"), network)
+        loss = F.mse_loss(pred.float(), inputs["target"].float(), reduction="none").mean(dim=(1, 2, 3))
+        if "weight" in inputs:
+            loss = loss * inputs["weight"]
+        return loss.mean()
+
+    def evaluate(self) -> dict[str, float]:
+        """No held-out measure for images yet."""
+        return {}
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether preview images can be made from this backbone's own modules."""
+        return self.vae is not None and bool(self.text_encoders)
+
+    def sample(self, prompts: list[str], config: TrainConfig) -> list:
+        """The sample prompts rendered with the LoRA as it is now, at the training resolution."""
+        accelerator, device = self.run["accelerator"], self.run["device"]
+        if self.vae is not None:
+            self.vae.to(device)
+        for encoder in self.text_encoders:
+            encoder.to(device)
+        modules = self.trained_modules()
+        for model in modules:
+            model.eval()
+        with accelerator.autocast():
+            images = [self.render(prompt, steps=config.sample_steps, guidance=config.sample_guidance_scale,
+                                  seed=config.seed + index, size=config.resolution)
+                      for index, prompt in enumerate(prompts)]
+        for model in modules:
+            model.train()
+        if self.vae is not None:
+            self.vae.to("cpu")
+        return images
+
+    def render(self, prompt: str, *, steps: int, guidance: float, seed: int, size: int, negative: str = ""):
+        """One image of `prompt` as the model is now (with whatever LoRA it holds): samples, the demo, the Test grid."""
+        pipe = self.sampling_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        size = size // 8 * 8
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            return pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=guidance,
+                        generator=generator, height=size, width=size).images[0]
+
+    def lora_state(self) -> list[dict[str, torch.Tensor]]:
+        """The LoRA weights of each trained module (peft naming)."""
+        return [lora_state(model) for model in self.trained_modules()]
+
+    def load_lora_state(self, state: list[dict[str, torch.Tensor]]) -> None:
+        """Put checkpointed LoRA weights back into the trained modules."""
+        modules = self.trained_modules()
+        if len(state) != len(modules):
+            raise CheckpointError("The checkpoint was saved with train_text_encoder set differently; use the same config.")
+        for model, weights in zip(modules, state):
+            load_lora_state(model, weights)
+
+    def checkpoint_lora(self, folder: Path, out_dir: Path, config: TrainConfig, meta: dict) -> Path | None:
+        """The LoRA of a checkpoint goes beside it, as NAME-stepN.safetensors (ready to use)."""
+        return self._write_lora(out_dir / f"{meta['name']}.safetensors", config, meta)
+
+    def export(self, target: Path, config: TrainConfig, meta: dict) -> dict[str, Path]:
+        """The finished LoRA: a kohya file that the WebUI, Forge, ComfyUI and diffusers load."""
+        return {"final": self._write_lora(target.with_name(f"{target.name}.safetensors"), config, meta)}
+
+    def _write_lora(self, path: Path, config: TrainConfig, meta: dict) -> Path:
+        """The trained modules' LoRA as a kohya file at `path`, with the metadata hosts read."""
+        modules = self.trained_modules()
+        tensors = to_kohya(lora_state(modules[0]), [lora_state(m) for m in modules[1:]], self.family,
+                           config.lora_alpha, config.save_dtype)
+        run = self.run
+        info = {**meta, "scan": run["scan"], "tags": tag_frequency(run["scan"].items), "buckets": run["buckets"],
+                "model_name": self.name, "finished_at": time.time()}
+        return save_lora_file(path, tensors, kohya_metadata(config, self.family, info))
+
+    # -- LoRA files ------------------------------------------------------------------------------
+
+    def read_lora(self, path: str, alpha: float) -> list[dict[str, dict]]:
+        """A kohya LoRA file as per-model {module name: {'down', 'up'}} (UNet first, then the text encoders), with
+        `up` rescaled to `alpha`: the file's own rank is kept per module and its scale (alpha/rank) folded into
+        `up`, so a LoRA continued from it starts out with exactly the file's effect."""
+        tensors, _ = read_lora_file(path)
+        lookup = module_lookup(self.unet, self.text_encoders, self.family)
+        per_model: list[dict[str, dict]] = [{} for _ in range(1 + len(self.text_encoders))]
+        unknown = []
+        for name, parts in lora_modules(tensors).items():
+            if name not in lookup:
+                unknown.append(name)
+                continue
+            if "down" not in parts or "up" not in parts:
+                raise CheckpointError(f"{path}: module {name} lacks its lora_down or lora_up weight.")
+            rank = parts["down"].shape[0]
+            file_scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+            index, module = lookup[name]
+            per_model[index][module] = {"down": parts["down"].float(),
+                                        "up": parts["up"].float() * file_scale / (alpha / rank)}
+        if unknown:
+            raise CheckpointError(f"{path} does not fit this {self.family} model: {len(unknown)} modules have no match "
+                                  f"(e.g. {', '.join(unknown[:3])}). Was it trained on another model family?")
+        if not any(per_model):
+            raise CheckpointError(f"{path} holds no LoRA modules.")
+        return per_model
+
+    def apply_lora_file(self, path: str, strength: float = 1.0) -> None:
+        """Put a kohya LoRA file onto the UNet and text encoders at `strength` (previews, the Test grid, tests).
+
+        Our own reader rather than diffusers' loader, which needs transformers >= 4.34 (the WebUI has 4.30).
+        """
+        for model, modules in zip([self.unet, *self.text_encoders], self.read_lora(path, alpha=1.0)):
+            if not modules:
+                continue
+            ranks = {name: parts["down"].shape[0] for name, parts in modules.items()}
+            for parts in modules.values():
+                parts["up"] = parts["up"] * strength
+            add_lora(model, sorted(modules), max(ranks.values()), 1.0, 0.0, ranks)
+            # peft scales by alpha/rank; read_lora already folded the file's own scale into `up` for alpha 1
+            fill_lora(model, modules)
+            model.requires_grad_(False)
 
     def sampling_pipeline(self):
         """A diffusers pipeline over these very modules, for preview images."""
@@ -246,3 +529,70 @@ def _prediction(prediction_type: str, family: str) -> str:
         log.info("SD2 checkpoint: training with v-prediction (768-v). Set prediction_type: epsilon for 512-base.")
         return "v_prediction"
     return "epsilon"
+
+
+def module_lookup(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family: str) -> dict[str, tuple[int, str]]:
+    """kohya module name -> (0 for the UNet or 1+i for text encoder i, module name in our models).
+
+    UNet names are accepted in diffusers naming (ours, kohya's) and in LDM naming (some other tools).
+    """
+    lookup: dict[str, tuple[int, str]] = {}
+    layers = unet.config.layers_per_block
+    weights = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    ldm_names = ldm.unet_to_ldm({f"{n}.weight": None for n in weights}, layers)
+    for name, ldm_name in zip(weights, ldm_names):
+        lookup[kohya_module_name("lora_unet", name)] = (0, name)
+        lookup[kohya_module_name("lora_unet", ldm_name.removesuffix(".weight"))] = (0, name)
+    for index, (encoder, prefix) in enumerate(zip(text_encoders, TEXT_PREFIXES[family])):
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                canonical = name if name.startswith("text_model.") else f"text_model.{name}"
+                lookup[kohya_module_name(prefix, canonical)] = (index + 1, name)
+    return lookup
+
+
+def _check_init_lora_family(path: str, family: str) -> None:
+    """Refuse an init_lora that is missing, not a plain LoRA, or made for another model family than `family`."""
+    try:
+        tensors, metadata = read_lora_file(path)
+        lora_modules(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_lora: {exc}") from None
+    made_for = lora_family(tensors, metadata)
+    if made_for and made_for != family:
+        raise CheckpointError(f"init_lora {path} is a LoRA for {FAMILY_NAMES[made_for]} models, but the base model is "
+                              f"an {FAMILY_NAMES[family]} model. Continue from a LoRA trained on {FAMILY_NAMES[family]}, "
+                              f"or train on the {FAMILY_NAMES[made_for]} base model it was made for.")
+
+
+def _check_init_lora_fits(path: str, init: list[dict[str, dict]], models: list[torch.nn.Module], family: str) -> None:
+    """Refuse an init_lora whose weights do not have the shapes of this model's layers (a LoRA of another model)."""
+    wrong, total = [], 0
+    for model, modules in zip(models, init):
+        for name, parts in modules.items():
+            total += 1
+            weight = model.get_submodule(name).weight  # Linear (out, in) or Conv2d (out, in, kh, kw)
+            rank = parts["down"].shape[0]
+            down, up = (rank, *weight.shape[1:]), (weight.shape[0], rank, *[1] * (weight.ndim - 2))
+            found = tuple(parts["down"].shape), tuple(parts["up"].shape)
+            if found != (down, up):
+                wrong.append(f"{name}: lora_down {found[0]} and lora_up {found[1]} where this model needs {down} and {up}")
+    if wrong:
+        raise CheckpointError(f"init_lora {path} does not fit this {FAMILY_NAMES[family]} model: {len(wrong)} of its "
+                              f"{total} modules have other shapes (e.g. {wrong[0]}). It was trained on another model "
+                              "family or a model with other layer sizes; continue from a LoRA trained on this base model.")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio at each timestep, as diffusers' compute_snr gives it.
+
+    Written out because importing diffusers.training_utils fails under the WebUI's transformers 4.30.
+    """
+    alphas = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas / (1 - alphas)
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a module, casting only when its dtype differs (a cast copies every weight)."""
+    current = next(module.parameters()).dtype
+    module.to(device) if current == dtype else module.to(device, dtype)

@@ -42,7 +42,7 @@ def _unet(family: str) -> UNet2DConditionModel:
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8)
 
 
-def _wake(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+def wake_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """Give the layers LDM zero-initialises small random values: a UNet whose output is always 0 proves nothing."""
     with torch.no_grad():
         for param in unet.parameters():
@@ -113,7 +113,7 @@ def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
     """A whole tiny checkpoint of `family` ('sd1', 'sd2', 'sdxl') in LDM single-file naming."""
     torch.manual_seed(seed)
-    unet = _wake(_unet(family))
+    unet = wake_unet(_unet(family))
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 1))
@@ -134,7 +134,7 @@ def comfy_sdxl_unet(depths: tuple[int, int, int] = (1, 2, 10)) -> UNet2DConditio
     """The smallest SDXL UNet ComfyUI detects as SDXL: model_channels 320 and SDXL's transformer depths (none, 2, 10),
     but 320 wide at every level. Other depths make ComfyUI's SDXL variants: (1, 1, 2) Segmind Vega, (1, 2, 4) SSD-1B.
     """
-    return _wake(UNet2DConditionModel(
+    return wake_unet(UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
         attention_head_dim=(5, 5, 5), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=depths,
@@ -168,7 +168,7 @@ def host_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
                                     block_out_channels=(320,), attention_head_dim=5 if sd2 else 8,
                                     cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
                                     down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-    _wake(unet)
+    wake_unet(unet)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), 2 if family.startswith("sdxl") else 1))

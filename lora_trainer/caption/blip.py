@@ -133,8 +133,8 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _device_and_dtype(config: CaptionConfig) -> tuple[torch.device, torch.dtype]:
-    """Resolve 'auto' device and precision."""
+def caption_device_and_dtype(config: CaptionConfig) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype captioning runs in: `auto` is the best this machine has (bf16 where the GPU can)."""
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     else:
@@ -183,7 +183,7 @@ def caption_folder(folder: str | Path, config: CaptionConfig | None = None, *, m
     owns_model = model is None
     if owns_model:
         model, processor = load_blip(config.model, allow_pickle=config.allow_pickle)
-    device, dtype = _device_and_dtype(config)
+    device, dtype = caption_device_and_dtype(config)
     model.to(device, dtype)
     writer = CaptionWriter(folder, config.output, config.caption_extension)
     prompt_ids = None

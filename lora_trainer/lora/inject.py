@@ -1,4 +1,4 @@
-"""Putting LoRA layers into the UNet and text encoders with peft, and filling them from a LoRA file."""
+"""LoRA layers put into any torch model with peft: add, fill, read back, scale."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import logging
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
-from lora_trainer.backbones.ldm import unet_to_ldm
 from lora_trainer.errors import CheckpointError
-from lora_trainer.lora.kohya import TEXT_PREFIXES, kohya_module_name, lora_modules, read_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -62,55 +60,6 @@ def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
         raise CheckpointError(f"LoRA weights do not fit this model: {unexpected[:5]}")
 
 
-def module_lookup(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family: str) -> dict[str, tuple[int, str]]:
-    """kohya module name -> (0 for the UNet or 1+i for text encoder i, module name in our models).
-
-    UNet names are accepted in diffusers naming (ours, kohya's) and in LDM naming (some other tools).
-    """
-    lookup: dict[str, tuple[int, str]] = {}
-    layers = unet.config.layers_per_block
-    weights = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    ldm_names = unet_to_ldm({f"{n}.weight": None for n in weights}, layers)
-    for name, ldm_name in zip(weights, ldm_names):
-        lookup[kohya_module_name("lora_unet", name)] = (0, name)
-        lookup[kohya_module_name("lora_unet", ldm_name.removesuffix(".weight"))] = (0, name)
-    for index, (encoder, prefix) in enumerate(zip(text_encoders, TEXT_PREFIXES[family])):
-        for name, module in encoder.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                canonical = name if name.startswith("text_model.") else f"text_model.{name}"
-                lookup[kohya_module_name(prefix, canonical)] = (index + 1, name)
-    return lookup
-
-
-def read_init_lora(path: str, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family: str,
-                   alpha: float) -> list[dict[str, dict]]:
-    """A LoRA file as per-model {module name: {'down', 'up'}} with `up` rescaled to our alpha.
-
-    The file's own rank is kept per module; its scale (alpha/rank) is folded into `up` so that the
-    continued LoRA starts out with exactly the file's effect.
-    """
-    tensors, _ = read_lora_file(path)
-    lookup = module_lookup(unet, text_encoders, family)
-    per_model: list[dict[str, dict]] = [{} for _ in range(1 + len(text_encoders))]
-    unknown = []
-    for name, parts in lora_modules(tensors).items():
-        if name not in lookup:
-            unknown.append(name)
-            continue
-        if "down" not in parts or "up" not in parts:
-            raise CheckpointError(f"{path}: module {name} lacks its lora_down or lora_up weight.")
-        rank = parts["down"].shape[0]
-        file_scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-        index, module = lookup[name]
-        per_model[index][module] = {"down": parts["down"].float(), "up": parts["up"].float() * file_scale / (alpha / rank)}
-    if unknown:
-        raise CheckpointError(f"{path} does not fit this {family} model: {len(unknown)} modules have no match "
-                              f"(e.g. {', '.join(unknown[:3])}). Was it trained on another model family?")
-    if not any(per_model):
-        raise CheckpointError(f"{path} holds no LoRA modules.")
-    return per_model
-
-
 def fill_lora(model: torch.nn.Module, modules: dict[str, dict]) -> None:
     """Copy down/up weights into the model's LoRA layers."""
     state = {}
@@ -118,25 +67,6 @@ def fill_lora(model: torch.nn.Module, modules: dict[str, dict]) -> None:
         state[f"{name}.lora_A.weight"] = parts["down"]
         state[f"{name}.lora_B.weight"] = parts["up"]
     load_lora_state(model, state)
-
-
-def apply_lora_file(backbone, path: str, strength: float = 1.0) -> None:
-    """Put a kohya LoRA file onto a backbone's UNet and text encoders at `strength` (for previews and tests).
-
-    Uses our own reader rather than diffusers' loader, which needs transformers >= 4.34 (the WebUI has 4.30).
-    """
-    models = [backbone.unet, *backbone.text_encoders]
-    per_model = read_init_lora(path, backbone.unet, backbone.text_encoders, backbone.family, alpha=1.0)
-    for model, modules in zip(models, per_model):
-        if not modules:
-            continue
-        ranks = {name: parts["down"].shape[0] for name, parts in modules.items()}
-        for parts in modules.values():
-            parts["up"] = parts["up"] * strength
-        add_lora(model, sorted(modules), max(ranks.values()), 1.0, 0.0, ranks)
-        # peft scales by alpha/rank; read_init_lora already folded the file's own scale into `up` for alpha 1
-        fill_lora(model, modules)
-        model.requires_grad_(False)
 
 
 def set_lora_strength(model: torch.nn.Module, strength: float) -> None:

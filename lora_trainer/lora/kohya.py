@@ -8,6 +8,7 @@ then `os.replace`, so a crash or a full disk never leaves a half-written LoRA un
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lora_trainer import __version__
 from lora_trainer.atomic import replaced_atomically
 from lora_trainer.errors import CheckpointError, TrainingError
 
@@ -26,6 +28,78 @@ FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 BASE_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 # the width of the text conditioning a UNet's cross-attention takes, by family
 CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
+                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
+    """The kohya `ss_*` and `modelspec.*` keys the WebUI, Forge and ComfyUI read; `meta` says what the run saw and
+    where it stands (scan, tags, buckets, model_name, started_at, finished_at, total_steps, step, epoch)."""
+    step, epoch = meta["step"], meta["epoch"]
+    scan = meta["scan"]
+    dirs: dict[str, dict[str, int]] = {}
+    for item in scan.items:
+        entry = dirs.setdefault(item.path.parent.name, {"n_repeats": item.repeats * config.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    bucket_counts: dict[str, int] = {}
+    for bucket in meta["buckets"]:
+        bucket_counts[f"{bucket[0]}x{bucket[1]}"] = bucket_counts.get(f"{bucket[0]}x{bucket[1]}", 0) + 1
+    arch = ARCHITECTURE[family]
+    if family == "sd2" and config.prediction_type == "epsilon":
+        arch = "stable-diffusion-v2-512/lora"
+    now = meta["finished_at"]
+    return {
+        "ss_output_name": config.output_name,
+        "ss_sd_model_name": meta["model_name"],
+        "ss_base_model_version": BASE_VERSION[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.lora_rank),
+        "ss_network_alpha": f"{config.lora_alpha:g}",
+        "ss_network_dropout": str(config.lora_dropout),
+        "ss_network_args": json.dumps({"targets": config.lora_targets}),
+        "ss_tag_frequency": json.dumps(meta["tags"]),
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_bucket_info": json.dumps({"buckets": bucket_counts, "enable_bucket": config.enable_buckets}),
+        "ss_num_train_images": str(sum(item.repeats * config.repeats for item in scan.items)),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(meta["total_steps"]),
+        "ss_epoch": str(epoch),
+        "ss_num_epochs": str(config.epochs),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_learning_rate": f"{config.learning_rate:g}",
+        "ss_unet_lr": f"{config.learning_rate:g}",
+        "ss_text_encoder_lr": f"{config.text_encoder_lr:g}" if config.train_text_encoder else "0",
+        "ss_optimizer": config.optimizer,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_clip_skip": str(config.clip_skip),
+        "ss_seed": str(config.seed),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_shuffle_caption": str(config.shuffle_captions),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_flip_aug": str(config.flip_aug),
+        "ss_training_started_at": str(meta["started_at"]),
+        "ss_training_finished_at": str(now),
+        "ss_training_comment": f"trained with lora_trainer {__version__}",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": config.output_name,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": config.trigger_word,
+    }
 
 
 def kohya_module_name(prefix: str, module: str) -> str:

@@ -213,36 +213,3 @@ def average_across_processes(world: int) -> Callable[[torch.Tensor], None] | Non
         flat.div_(world)
 
     return reduce
-
-
-def graphs_wanted(config, device: torch.device, *, num_processes: int, text_encoder_trained: bool,
-                  mixed_precision: str, total_steps: int, buckets: int) -> tuple[bool, bool, str]:
-    """(train through CapturedStep, capture it, why) for the log.
-
-    `cuda_graphs: on` where there is no CUDA device runs CapturedStep eagerly: the same static buffers,
-    tensor learning rates and warm-up, without the graph.
-    """
-    setting = config.cuda_graphs
-    if setting == "off":
-        return False, False, "cuda_graphs: off"
-    reasons = []
-    if device.type != "cuda" and setting == "auto":
-        reasons.append("not on a CUDA GPU")
-    if config.optimizer != "adamw":
-        reasons.append(f"optimizer {config.optimizer} (only adamw is captured)")
-    if config.gradient_accumulation_steps > 1:
-        reasons.append("gradient accumulation")
-    if config.lora_dropout:
-        reasons.append("LoRA dropout")
-    if text_encoder_trained:
-        reasons.append("text-encoder training")
-    if config.gradient_checkpointing:
-        reasons.append("gradient checkpointing")
-    if reasons:
-        return False, False, "not captured: " + ", ".join(reasons)
-    # capture costs about warm-up + 1 steps per bucket shape; below ~25 steps a bucket it does not pay back
-    if setting == "auto" and total_steps < 25 * buckets:
-        return False, False, f"not captured: {total_steps} steps over {buckets} bucket shapes is too short to pay back"
-    if device.type != "cuda":
-        return True, False, "cuda_graphs: on without a CUDA device: the graph-ready step runs eagerly"
-    return True, True, f"captured as CUDA graphs ({buckets} bucket shapes)"

@@ -56,21 +56,17 @@ def render_strengths(base_model: str, lora_file: str, prompt: str, negative: str
     """Render `prompt` on a checkpoint file with the LoRA at each strength (the standalone app's Test)."""
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.config import PRESETS
-    from lora_trainer.lora.inject import apply_lora_file, set_lora_strength
+    from lora_trainer.lora.inject import set_lora_strength
 
     backbone = DiffusionBackbone.from_file(base_model, allow_pickle=allow_pickle)
-    apply_lora_file(backbone, lora_file, 1.0)
+    backbone.apply_lora_file(lora_file, 1.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = backbone.sampling_pipeline()
-    pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    size = (size or trained_size(lora_file) or PRESETS[backbone.family]["resolution"]) // 8 * 8
+    for module in (backbone.unet, backbone.vae, *backbone.text_encoders):
+        module.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    size = size or trained_size(lora_file) or PRESETS[backbone.family]["resolution"]
     images = []
-    with torch.no_grad():
-        for weight in strengths:
-            for model in (backbone.unet, *backbone.text_encoders):
-                set_lora_strength(model, weight)
-            generator = torch.Generator("cpu").manual_seed(seed)
-            images.append(pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                               guidance_scale=guidance, generator=generator, height=size, width=size).images[0])
+    for weight in strengths:
+        for model in (backbone.unet, *backbone.text_encoders):
+            set_lora_strength(model, weight)
+        images.append(backbone.render(prompt, negative=negative, steps=steps, guidance=guidance, seed=seed, size=size))
     return labelled_grid(images, [f"strength {w:g}" for w in strengths])

@@ -1,0 +1,39 @@
+"""What every benchmark measures with: photos to decode, a device to wait for, two LoRA files to compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def synthetic_photos(folder: Path, count: int, size: int = 768, seed: int = 0) -> list[Path]:
+    """`count` JPEG photos of smooth colour fields with noise, like camera pictures to a decoder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(count):
+        a, b, c = rng.uniform(0, 255, 3)
+        image = np.stack([a * x + (255 - a) * y, b * y, c * (1 - x)], axis=-1) + rng.normal(0, 12, (size, size, 3))
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Wait until the GPU has done the work queued so far, so the clock reads the work, not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def lora_difference(first: Path, second: Path) -> float:
+    """The largest weight difference between two LoRA files, relative to the largest weight."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(first)), load_file(str(second))
+    biggest = max(float(t.float().abs().max()) for k, t in a.items() if k.endswith("weight"))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k.endswith("weight")) / biggest
