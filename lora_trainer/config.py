@@ -45,14 +45,14 @@ class TrainConfig:
     prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"), label="Prediction type")
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
     max_token_length: int = _field(75, "Caption tokens the text encoder sees: 75, or 150/225 for long tag lists (encoded in 75-token chunks, as the WebUI does with long prompts).", group="model", choices=(75, 150, 225), label="Caption tokens")
-    clip_skip: int = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True, label="CLIP skip")
+    clip_skip: int | None = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True, label="CLIP skip")
 
     # data
     train_data_dir: str = _field("", "Folder of training images with captions (.txt sidecars, metadata.csv/jsonl, kohya N_name repeat folders).", group="data", label="Image folder")
-    resolution: int = _field(None, "Training resolution in pixels (the side of a square of the same area).", group="data", min=64, max=4096, preset=True)
+    resolution: int | None = _field(None, "Training resolution in pixels (the side of a square of the same area).", group="data", min=64, max=4096, preset=True)
     enable_buckets: bool = _field(True, "Keep aspect ratios: group images into buckets of similar shape instead of square crops.", group="data")
-    min_bucket_reso: int = _field(None, "Smallest bucket side in pixels.", group="data", min=32, max=4096, preset=True, label="Smallest bucket side")
-    max_bucket_reso: int = _field(None, "Largest bucket side in pixels.", group="data", min=64, max=8192, preset=True, label="Largest bucket side")
+    min_bucket_reso: int | None = _field(None, "Smallest bucket side in pixels.", group="data", min=32, max=4096, preset=True, label="Smallest bucket side")
+    max_bucket_reso: int | None = _field(None, "Largest bucket side in pixels.", group="data", min=64, max=8192, preset=True, label="Largest bucket side")
     repeats: int = _field(1, "How often each image is seen per epoch (kohya N_name folders set their own).", group="data", min=1, max=1000)
     caption_extension: str = _field(".txt", "Extension of caption sidecar files.", group="data")
     missing_caption: str = _field("trigger", "What an image without a caption gets: the trigger word, an empty caption, or an error.", group="data", choices=("trigger", "empty", "error"))
@@ -64,26 +64,26 @@ class TrainConfig:
     cache_latents_to_disk: bool = _field(False, "Keep the encoded images in output_dir/cache so the next run starts at once.", group="data", label="Keep encoded images on disk")
 
     # lora
-    lora_rank: int = _field(None, "LoRA rank (dim): capacity of the LoRA. 4-16 suits styles and characters on small GPUs.", group="lora", min=1, max=1024, preset=True, label="LoRA rank")
-    lora_alpha: float = _field(None, "LoRA alpha: the LoRA's output is scaled by alpha/rank. Fixed, never trained.", group="lora", min=0.0, max=4096.0, preset=True, label="LoRA alpha")
+    lora_rank: int | None = _field(None, "LoRA rank (dim): capacity of the LoRA. 4-16 suits styles and characters on small GPUs.", group="lora", min=1, max=1024, preset=True, label="LoRA rank")
+    lora_alpha: float | None = _field(None, "LoRA alpha: the LoRA's output is scaled by alpha/rank. Fixed, never trained.", group="lora", min=0.0, max=4096.0, preset=True, label="LoRA alpha")
     lora_dropout: float = _field(0.0, "Dropout inside the LoRA layers during training.", group="lora", min=0.0, max=0.9, label="LoRA dropout")
     lora_targets: str = _field("attention_ff", "Which UNet layers get a LoRA: attention only; attention + feed-forward + projections (kohya's default); or those plus the ResNet convolutions (LoCon).", group="lora", choices=("attention", "attention_ff", "locon"), label="LoRA layers")
     train_text_encoder: bool = _field(False, "Also train a LoRA on the text encoder(s).", group="lora")
-    text_encoder_lr: float = _field(None, "Learning rate of the text-encoder LoRA (default: half the UNet's).", group="lora", min=0.0, max=1.0, label="Text encoder learning rate")
+    text_encoder_lr: float | None = _field(None, "Learning rate of the text-encoder LoRA (default: half the UNet's).", group="lora", min=0.0, max=10.0, label="Text encoder learning rate")
     init_lora: str = _field("", "Continue from this LoRA file (kohya format, ours or another tool's) instead of starting from zero.", group="lora", label="Continue from LoRA")
 
     # training
-    epochs: int = _field(None, "Passes over the dataset.", group="training", min=1, max=100000, preset=True)
+    epochs: int | None = _field(None, "Passes over the dataset.", group="training", min=1, max=100000, preset=True)
     max_steps: int = _field(0, "Stop after this many optimizer steps (0 = run all epochs).", group="training", min=0, max=10_000_000, label="Max steps")
-    batch_size: int = _field(None, "Images (language models: sequences) per step. 1-4 images on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True, label="Batch size")
+    batch_size: int | None = _field(None, "Images (language models: sequences) per step. 1-4 images on 8-12 GB GPUs.", group="training", min=1, max=1024, preset=True, label="Batch size")
     gradient_accumulation_steps: int = _field(1, "Add up gradients over this many batches before each optimizer step.", group="training", min=1, max=1024, label="Gradient accumulation")
-    learning_rate: float = _field(None, "LoRA learning rate (of the UNet's LoRA for images; 1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
-    optimizer: str = _field(None, "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.", group="training", choices=("adamw", "adamw8bit", "prodigy", "lion"), preset=True)
+    learning_rate: float | None = _field(None, "LoRA learning rate (of the UNet's LoRA for images; 1.0 is usual for Prodigy).", group="training", min=0.0, max=10.0, preset=True)
+    optimizer: str | None = _field(None, "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.", group="training", choices=("adamw", "adamw8bit", "prodigy", "lion"), preset=True)
     weight_decay: float = _field(0.01, "Weight decay.", group="training", min=0.0, max=1.0)
-    lr_scheduler: str = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True, label="Learning-rate schedule")
-    lr_warmup_steps: int = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True, label="Warm-up steps")
+    lr_scheduler: str | None = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True, label="Learning-rate schedule")
+    lr_warmup_steps: int | None = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True, label="Warm-up steps")
     max_grad_norm: float = _field(1.0, "Clip gradients to this norm (0 = off).", group="training", min=0.0, max=1000.0, label="Gradient clipping")
-    min_snr_gamma: float = _field(None, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, preset=True, label="Min-SNR gamma")
+    min_snr_gamma: float = _field(5.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, label="Min-SNR gamma")
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
     mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"), label="Mixed precision")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
@@ -113,6 +113,9 @@ class TrainConfig:
     load_in_4bit: bool = _field(False, "QLoRA: keep the frozen model in 4-bit NF4 (needs bitsandbytes and a CUDA GPU): about a quarter of the memory.", group="language model")
     save_merged_model: bool = _field(False, "Also write the model with the LoRA merged in, as a full Hugging Face folder beside the adapter.", group="language model")
 
+    def __post_init__(self) -> None:
+        _check(self)
+
 
 @dataclass
 class CaptionConfig:
@@ -136,6 +139,9 @@ class CaptionConfig:
     dtype: str = _field("auto", "Precision: auto is bf16/fp16 on a GPU and fp32 on the CPU.", group="caption", choices=("auto", "fp32", "fp16", "bf16"), label="Captioning precision")
     seed: int = _field(0, "Seed for sampling.", group="caption", min=0, max=2**32 - 1, label="Captioning seed")
     allow_pickle: bool = _field(False, "Allow a BLIP folder with pytorch_model.bin (pickle) weights.", group="caption", label="Allow pickle BLIP weights")
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
 # The lora-scripts article's and kohya's names for the same keys.
@@ -165,15 +171,15 @@ ALIASES = {
 PRESETS: dict[str, dict[str, Any]] = {
     "sd1": {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "lora_rank": 16, "lora_alpha": 8.0,
                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 2, "clip_skip": 1},
+                "epochs": 10, "batch_size": 2, "clip_skip": 1},
     "sd2": {"resolution": 768, "min_bucket_reso": 384, "max_bucket_reso": 1536, "lora_rank": 16, "lora_alpha": 8.0,
                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 2, "clip_skip": 1},
+                "epochs": 10, "batch_size": 2, "clip_skip": 1},
     "causal_lm": {"lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 2e-4, "optimizer": "adamw",
                   "lr_scheduler": "cosine", "lr_warmup_steps": 0, "epochs": 3, "batch_size": 4},
     "sdxl": {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 8.0,
                  "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                 "min_snr_gamma": 5.0, "epochs": 10, "batch_size": 1, "clip_skip": 1},
+                 "epochs": 10, "batch_size": 1, "clip_skip": 1},
 }
 
 
@@ -182,20 +188,31 @@ def config_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+def field_kind(f: dataclasses.Field) -> str:
+    """A field's value type without its None: "int" for `int | None` (annotations are strings here)."""
+    return str(f.type).removesuffix(" | None")
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Turn a YAML or command-line value into the field's type, checking choices and bounds."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    meta = f.metadata
-    kind = _TYPES[f.type]
+def is_optional(f: dataclasses.Field) -> bool:
+    """Whether a field may hold None (left to the model family's preset, or to a default derived from others)."""
+    return str(f.type).endswith("| None")
+
+
+def _check(config: Any) -> None:
+    """Coerce and check every field of a config in place: an invalid config cannot be built."""
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _coerce(f, getattr(config, f.name)))
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML, command-line or form value into the field's type, checking choices and bounds."""
+    name, meta, kind = f.name, f.metadata, field_kind(f)
     if value is None:
-        if meta["preset"] or name == "text_encoder_lr":
+        if is_optional(f):
             return None
         raise ConfigError(f"'{name}' needs a value. {meta['help']}")
     try:
-        if kind is bool:
+        if kind == "bool":
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
@@ -203,22 +220,23 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
                 value = lowered in ("true", "yes", "1", "on")
             elif not isinstance(value, bool):
                 raise ValueError(value)
-        elif kind is int:
+        elif kind == "int":
             number = float(value) if isinstance(value, str) else value
             if isinstance(number, bool) or not float(number).is_integer():
                 raise ValueError(value)
             value = int(number)
-        elif kind is float:
+        elif kind == "float":
             if isinstance(value, bool):
                 raise ValueError(value)
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(value)
-        elif kind is list:
+        elif kind == "list":
             if isinstance(value, str):
                 value = [line for line in value.splitlines() if line.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(value)
+            value = list(value)
         else:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
@@ -238,7 +256,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
 def _describe_type(f: dataclasses.Field) -> str:
     """'an integer', 'a number', ... for error messages."""
     return {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
-            "list": "a list of text lines"}[f.type]
+            "list": "a list of text lines"}[field_kind(f)]
 
 
 def make_config(values: dict[str, Any], cls: type = TrainConfig) -> Any:
@@ -255,8 +273,8 @@ def make_config(values: dict[str, Any], cls: type = TrainConfig) -> Any:
             close = [n for n in names if n.startswith(key[:4])][:3]
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"Unknown config key '{key}'.{hint} 'train --help-config' lists every key.")
-        clean[name] = _coerce(cls, name, value)
-    return cls(**clean)
+        clean[name] = value
+    return cls(**clean)  # the config checks its own values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -296,26 +314,30 @@ def resolve(config: TrainConfig, family: str) -> TrainConfig:
     for key, value in PRESETS[family].items():
         if values[key] is None:
             values[key] = value
+    typed = values["output_name"].strip()
+    values["output_name"] = lora_name(typed, values["train_data_dir"])
+    if typed and (note := renamed_note(typed, values["output_name"])):
+        log.warning(note)
+    values["output_dir"] = values["output_dir"] or str(Path("output") / values["output_name"])
     if family == "causal_lm":
-        if not values["output_name"]:
-            values["output_name"] = f"{Path(values['train_data_dir']).stem or 'my'}_lora"
-        values["output_name"] = _clean_name(values["output_name"])
-        values["output_dir"] = values["output_dir"] or str(Path("output") / values["output_name"])
         return TrainConfig(**values)
     values["family"] = family
     if values["prediction_type"] == "auto":
         values["prediction_type"] = "v_prediction" if family == "sd2" else "epsilon"
     if values["text_encoder_lr"] is None:
         values["text_encoder_lr"] = values["learning_rate"] / 2
-    if not values["output_name"]:
-        stem = Path(values["train_data_dir"]).name or "my"
-        values["output_name"] = f"{stem}_lora"
-    values["output_name"] = _clean_name(values["output_name"])
-    if not values["output_dir"]:
-        values["output_dir"] = str(Path("output") / values["output_name"])
     values["min_bucket_reso"] = min(values["min_bucket_reso"], values["resolution"])
     values["max_bucket_reso"] = max(values["max_bucket_reso"], values["resolution"])
     return TrainConfig(**values)
+
+
+def lora_name(typed: str, train_data_dir: str) -> str:
+    """The LoRA's name, for every front door: the typed name, else the data's name + '_lora'; a safe file name."""
+    if str(typed).strip():
+        return safe_name(typed)
+    data = Path(str(train_data_dir).strip())
+    stem = data.stem if data.is_file() else data.name  # a language model's data may be one file
+    return safe_name(f"{stem or 'my'}_lora")
 
 
 def safe_name(name: str) -> str:
@@ -325,14 +347,6 @@ def safe_name(name: str) -> str:
     if not cleaned:
         raise ConfigError(f"{name!r} is not a usable file name: use letters, digits, '-', '_' or '.'.")
     return cleaned[:120]
-
-
-def _clean_name(typed: str) -> str:
-    """safe_name, logging when the name had to change."""
-    cleaned = safe_name(typed)
-    if note := renamed_note(typed, cleaned):
-        log.warning(note)
-    return cleaned
 
 
 def renamed_note(typed: str, cleaned: str) -> str:

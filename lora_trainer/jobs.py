@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lora_trainer.config import TrainConfig, make_config, renamed_note, safe_name, step_name
+from lora_trainer.config import TrainConfig, lora_name, make_config, renamed_note, step_name
 from lora_trainer.errors import DatasetError, LoraTrainerError
 from lora_trainer.events import CancelToken, Event, Listener
 
@@ -31,7 +31,7 @@ class Host(Protocol):
     """What a front door provides to the Trainer."""
 
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Fill host-chosen keys (base model, output folder, precision) into the form's values."""
+        """Fill host-chosen keys (base model, output folder, precision) into the form's values (named already)."""
 
     def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         """Train (taking the host's locks) and return the engine's TrainResult."""
@@ -101,12 +101,10 @@ class Trainer:
                                 f"{self.job.total}). Interrupt it or wait for it to finish.")
             values = {k: v for k, v in values.items() if v is not None}
             typed = str(values.get("output_name", "")).strip()
-            if typed:  # cleaned before the host derives folders from it
-                values["output_name"] = safe_name(typed)
+            # named before the host derives folders from the name
+            values["output_name"] = lora_name(typed, values.get("train_data_dir", ""))
             values = self.host.prepare(values)
             config = make_config(values)
-            if not config.output_name:
-                raise LoraTrainerError("Give the LoRA a name.")
             if config.model_type == "image":
                 check_images(config)
             self._cancel = CancelToken()

@@ -119,10 +119,11 @@ def test_api_routes(tmp_path, sd1_checkpoint, dataset):
 def test_form_values_and_presets():
     gr = pytest.importorskip("gradio")
     from lora_trainer.config import PRESETS
-    from lora_trainer.ui.blocks import PRESET, form_values, preset_values
+    from lora_trainer.forms import PRESET, config_values
+    from lora_trainer.ui.blocks import preset_values
 
     names = ["lora_rank", "learning_rate", "optimizer", "max_steps", "max_token_length", "sample_prompts", "flip_aug"]
-    values = form_values(names, (0, 2e-4, PRESET, 10.0, "150", "a cat\nan owl", True))
+    values = config_values(dict(zip(names, (0, 2e-4, PRESET, 10.0, "150", "a cat\nan owl", True))))
     assert values == {"learning_rate": 2e-4, "max_steps": 10, "max_token_length": "150",
                       "sample_prompts": "a cat\nan owl", "flip_aug": True}
     config = quick_config(Path("x"), Path("y"), Path("z"), **values)

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from lora_trainer.config import TrainConfig, config_fields
+from lora_trainer.config import TrainConfig
 from lora_trainer.errors import HostError
 from lora_trainer.events import CancelToken, Event, Listener
+from lora_trainer.forms import FieldSpec, form_specs
 from lora_trainer.jobs import BusyError, Trainer
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ PROGRESS_JS = "(task) => { loraTrainerProgress(task, 'lora_trainer_progress'); r
 TEST_PROGRESS_JS = ("(...args) => { const task = 'task(lora_trainer-test-' + Date.now() + ')'; "
                     "args[args.length - 1] = task; loraTrainerProgress(task, 'lora_trainer_test_progress'); "
                     "return args; }")
+SETTINGS = ("save_every_n_steps", "sample_every_n_steps")  # config keys whose form default is a WebUI setting
 _trainer: Trainer | None = None
 
 
@@ -72,12 +74,19 @@ def on_ui_settings() -> None:
             True, "Move the VAE and text encoder off the GPU while the UNet trains (they go back after)",
             section=SECTION),
     }
-    fields = {f.name: f for f in config_fields(TrainConfig)}
-    for name in ("save_every_n_steps", "sample_every_n_steps"):  # the tab's default, with the config's own help
-        options[f"lora_trainer_{name}"] = shared.OptionInfo(
-            0, f"Default for {fields[name].metadata['label']}: {fields[name].metadata['help']}", section=SECTION)
+    specs = form_specs(TrainConfig)
+    options.update({f"lora_trainer_{name}": _setting(specs[name]) for name in SETTINGS})
     for key, info in options.items():
         shared.opts.add_option(key, info)
+
+
+def _setting(spec: FieldSpec):
+    """A settings-page option holding a whole-number key's default in the tab, drawn from its form spec."""
+    from modules import shared
+
+    # the WebUI makes a number box for an int default; the arguments give it the key's bounds
+    return shared.OptionInfo(spec.default, f"Default for {spec.label}: {spec.help}", section=SECTION,
+                             component_args={"precision": 0, "minimum": spec.min, "maximum": spec.max})
 
 
 def on_app_started(_demo, app) -> None:
@@ -142,8 +151,8 @@ class WebUIHost:
         return f"**LoRA Train** on the loaded checkpoint: `{name}`{kind}. Finished LoRAs go to `{self.lora_dir()}`."
 
     def default_values(self) -> dict[str, Any]:
-        return {"save_every_n_steps": _opt("lora_trainer_save_every_n_steps", 0) or None,
-                "sample_every_n_steps": _opt("lora_trainer_sample_every_n_steps", 0) or None}
+        specs = form_specs(TrainConfig)
+        return {name: _opt(f"lora_trainer_{name}", specs[name].default) for name in SETTINGS}
 
     def lora_dir(self) -> Path:
         from modules import paths, shared
@@ -153,12 +162,9 @@ class WebUIHost:
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         from modules import devices
 
-        from lora_trainer.config import safe_name
-
         values = {k: v for k, v in values.items() if k != "base_model"}
-        name = safe_name(values["output_name"]) if str(values.get("output_name", "")).strip() else ""
-        if name and not str(values.get("output_dir", "")).strip():
-            values["output_dir"] = str(Path(_opt("lora_trainer_output_dir", "") or _output_root()) / name)
+        if not str(values.get("output_dir", "")).strip():
+            values["output_dir"] = str(Path(_opt("lora_trainer_output_dir", "") or _output_root()) / values["output_name"])
         values["device"] = str(devices.device)
         if values.get("mixed_precision", "auto") == "auto":
             # train in the dtype the WebUI keeps the UNet in, so its tensors are shared, not copied

@@ -50,9 +50,6 @@ class StandaloneHost:
             raise ConfigError("Give the base model: the path of an SD1.x/SD2.x/SDXL .safetensors checkpoint.")
         if not str(values.get("train_data_dir", "")).strip():
             raise ConfigError("Give the image folder on the Dataset tab.")
-        if not str(values.get("output_name", "")).strip():
-            values["output_name"] = f"{Path(values['train_data_dir']).name}_lora"
-        values["output_name"] = safe_name(values["output_name"])
         if not str(values.get("output_dir", "")).strip():
             values["output_dir"] = str(self.output_root / values["output_name"])
         return values

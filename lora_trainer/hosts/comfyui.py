@@ -20,16 +20,9 @@ import torch
 import yaml
 from PIL import Image
 
-from lora_trainer.config import (
-    CaptionConfig,
-    TrainConfig,
-    config_fields,
-    make_config,
-    renamed_note,
-    safe_name,
-    step_name,
-)
+from lora_trainer.config import CaptionConfig, TrainConfig, lora_name, make_config, renamed_note, step_name
 from lora_trainer.errors import DatasetError, HostError
+from lora_trainer.forms import config_values, form_specs
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +33,22 @@ TRAIN_WIDGETS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "batch
                  "lr_scheduler", "seed", "save_every_n_steps")
 DATASET_WIDGETS = ("resolution", "enable_buckets", "repeats", "trigger_word", "shuffle_captions", "keep_tokens",
                    "caption_dropout", "flip_aug")
-AUTO = 0  # a 0 in a number widget of a preset key means "the model family's preset"
-PRESET = "preset"  # the same in a choice widget (the WebUI form's word for it)
 
 
 def _widget(cls: type, name: str) -> tuple:
-    """A ComfyUI input spec generated from a config field: its type, bounds, default and tooltip."""
-    f = next(f for f in config_fields(cls) if f.name == name)
-    meta = f.metadata
-    options = {"tooltip": meta["help"]}
-    value = f.default
-    if meta["choices"]:
-        choices = list(meta["choices"])
-        if meta["preset"]:  # without a default the frontend picks the first choice, not the family's preset
-            choices, value = [PRESET, *choices], PRESET
-            options["tooltip"] += " 'preset' = the model family's choice."
-        return (choices, {**options, "default": value})
-    if f.type == "bool":
-        return ("BOOLEAN", {**options, "default": value})
-    if f.type == "str":
-        return ("STRING", {**options, "default": value})
-    kind = "INT" if f.type == "int" else "FLOAT"
-    low = AUTO if meta["preset"] else meta["min"]
-    if meta["preset"]:
-        options["tooltip"] += " 0 = the model family's preset."
-    spec = {**options, "default": value if value is not None else AUTO, "min": low, "max": meta["max"]}
-    if kind == "FLOAT":
-        spec["step"] = 1e-5 if name.endswith("learning_rate") else 0.01
-    return (kind, spec)
+    """A ComfyUI input spec of a config field's form spec: its type, bounds, default and tooltip."""
+    spec = form_specs(cls)[name]
+    options = {"tooltip": spec.help, "default": spec.default}
+    if spec.kind == "choice":  # the default is given: without one the frontend picks the first choice
+        return (list(spec.choices), options)
+    if spec.kind == "bool":
+        return ("BOOLEAN", options)
+    if spec.kind in ("text", "lines"):
+        return ("STRING", {**options, "multiline": spec.kind == "lines"})
+    options.update(min=spec.min, max=spec.max)
+    if spec.kind == "float":
+        options["step"] = 1e-5 if name.endswith("learning_rate") else 0.01
+    return ("INT" if spec.kind == "int" else "FLOAT", options)
 
 
 def _fixed_seed(spec: tuple) -> tuple:
@@ -83,10 +64,8 @@ def _fixed_seed(spec: tuple) -> tuple:
 
 
 def _values(names: tuple[str, ...], given: dict) -> dict:
-    """Widget values as config values (a 0 or 'preset' in a preset key means 'not set')."""
-    fields = {f.name: f for f in config_fields(TrainConfig)}
-    return {k: v for k, v in given.items()
-            if k in names and not (fields[k].metadata["preset"] and v in (AUTO, PRESET))}
+    """The named widgets' values as config values."""
+    return config_values({k: v for k, v in given.items() if k in names})
 
 
 def _input_folder(folder: str) -> str:
@@ -194,7 +173,9 @@ class DatasetFromImages:
         lines = [line.strip() for line in captions.splitlines() if line.strip()]
         if len(lines) not in (0, 1, len(images)):
             raise HostError(f"{len(images)} images but {len(lines)} caption lines: give one per image, or one for all.")
-        folder = Path(tempfile.mkdtemp(prefix="lora_trainer_images_", dir=folder_paths.get_temp_directory()))
+        # a folder named "images", so a LoRA left unnamed is images_lora, the same each time the graph is queued
+        folder = Path(tempfile.mkdtemp(prefix="lora_trainer_images_", dir=folder_paths.get_temp_directory())) / "images"
+        folder.mkdir()
         for i, image in enumerate(images):
             array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
             Image.fromarray(array).save(folder / f"{i:05d}.png")
@@ -314,7 +295,7 @@ class TrainLora:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         required = {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "dataset": (DATASET,),
-                    "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name in models/loras."})}
+                    "output_name": _widget(TrainConfig, "output_name")}
         required.update({name: _widget(TrainConfig, name) for name in TRAIN_WIDGETS})
         required["seed"] = _fixed_seed(required["seed"])
         return {"required": required,
@@ -339,8 +320,9 @@ class TrainLora:
         extra = yaml.safe_load(advanced) if advanced.strip() else {}
         if not isinstance(extra, dict):
             raise HostError("'advanced' must be YAML lines of key: value.")
-        name = safe_name(output_name)  # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
-        notes = [note] if (note := renamed_note(output_name, name)) else []
+        # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
+        name = lora_name(output_name, dataset["train_data_dir"])
+        notes = [note] if output_name.strip() and (note := renamed_note(output_name, name)) else []
         unet_patches, clip_patches = _patched(model), _patched(getattr(clip, "patcher", None))
         if unet_patches or clip_patches:
             notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "

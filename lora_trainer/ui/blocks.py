@@ -9,7 +9,6 @@ files from outside its own folders).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from lora_trainer.config import FAMILIES, PRESETS, CaptionConfig, TrainConfig, config_fields, make_config
+from lora_trainer.config import FAMILIES, PRESETS, CaptionConfig, TrainConfig, make_config
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.forms import FieldSpec, config_values, form_specs
 from lora_trainer.jobs import Trainer, describe
 
 log = logging.getLogger(__name__)
@@ -29,79 +29,46 @@ BASIC = ("output_name", "trigger_word", "epochs", "max_steps", "lora_rank", "lea
          "batch_size")
 ALWAYS_HIDDEN = ("train_data_dir", "base_model")  # they have their own boxes on the Dataset tab
 # this tab trains image models; language models are trained from the command line (model_type: causal_lm)
-IMAGE_UI_SKIPS = {"model_type"} | {f.name for f in config_fields(TrainConfig) if f.metadata["group"] == "language model"}
+IMAGE_UI_SKIPS = {"model_type"} | {s.name for s in form_specs(TrainConfig).values() if s.group == "language model"}
 THUMBNAIL = 256
-PRESET = "preset"
 CAPTION_ID = "lora_trainer_caption_"  # element ids of the captioning options (they share names with training keys)
 POLL_SECONDS = 1.0
 
 
-def _label(f: dataclasses.Field) -> str:
-    """The field's label in the form (the WebUI keys saved defaults by label, so each must be unique in the tab)."""
-    return f.metadata.get("label") or f.name.replace("_", " ").capitalize()
-
-
 def _named(message: str) -> str:
     """An engine message with each config key it quotes shown as the form's label too."""
-    for f in (*config_fields(TrainConfig), *config_fields(CaptionConfig)):
-        message = message.replace(f"'{f.name}'", f"**{_label(f)}** (`{f.name}`)")
+    for spec in (*form_specs(TrainConfig).values(), *form_specs(CaptionConfig).values()):
+        message = message.replace(f"'{spec.name}'", f"**{spec.label}** (`{spec.name}`)")
     return message
 
 
-def _component(f: dataclasses.Field, value: Any = None, prefix: str = "lora_trainer_") -> gr.components.Component:
-    """A form field generated from a config field: its type, bounds, choices and help as the tooltip."""
-    meta = f.metadata
-    elem_id = f"{prefix}{f.name}"
-    info = meta["help"]
-    default = f.default if value is None and f.default is not dataclasses.MISSING else value
-    if meta["choices"]:
-        choices = [str(c) for c in meta["choices"]]
-        if default is None:  # a preset key: "preset" means the model family's value
-            choices, default = [PRESET, *choices], PRESET
-            info += " 'preset' = the model family's choice."
-        return gr.Dropdown(choices=choices, value=str(default), label=_label(f), info=info, elem_id=elem_id)
-    if f.type == "bool":
-        return gr.Checkbox(value=bool(default), label=_label(f), info=info, elem_id=elem_id)
-    if f.type == "list":
-        return gr.Textbox(value="\n".join(default or []), lines=2, label=_label(f),
-                          info=info + " One per line.", elem_id=elem_id)
-    if f.type == "str":
-        return gr.Textbox(value=default or "", label=_label(f), info=info, elem_id=elem_id)
-    unset = default is None  # preset keys: 0 means "the model family's preset"
+def _component(spec: FieldSpec, value: Any = None, prefix: str = "lora_trainer_") -> gr.components.Component:
+    """The Gradio widget of a field's spec, showing `value` (a config value) or else the spec's default."""
+    shown = spec.default if value is None else spec.show(value)
+    common = {"label": spec.label, "info": spec.help, "elem_id": f"{prefix}{spec.name}"}
+    if spec.kind == "choice":
+        return gr.Dropdown(choices=[str(c) for c in spec.choices], value=str(shown), **common)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=bool(shown), **common)
+    if spec.kind in ("text", "lines"):
+        return gr.Textbox(value=shown, lines=2 if spec.kind == "lines" else 1, **common)
     # no minimum/maximum: Gradio's own range toast does not say which field; the config's check names it
-    return gr.Number(value=0 if unset else default, label=_label(f),
-                     info=info + (" 0 = the model family's preset." if unset else ""), elem_id=elem_id,
-                     precision=0 if f.type == "int" else None)
-
-
-def form_values(names: list[str], args: tuple) -> dict[str, Any]:
-    """The form's values as config values: a 0 in a field without a fixed default means 'preset'."""
-    fields = {f.name: f for f in config_fields(TrainConfig)}
-    values: dict[str, Any] = {}
-    for name, value in zip(names, args):
-        f = fields[name]
-        if f.default is None and value in (0, None, "", PRESET):
-            continue
-        if isinstance(value, str) and f.type not in ("str", "list"):
-            value = value.strip()
-        if isinstance(value, float) and f.type == "int" and value.is_integer():
-            value = int(value)
-        values[name] = value
-    return values
+    return gr.Number(value=shown, precision=0 if spec.kind == "int" else None, **common)
 
 
 def preset_values(family: str, names: list[str]) -> list[Any]:
     """The values the preset fields take for a family ('auto' puts them back to 0 = the model's preset)."""
-    fields = {f.name: f for f in config_fields(TrainConfig)}
+    specs = form_specs(TrainConfig)
     values = []
     for name in names:
-        f = fields[name]
-        if not f.metadata["preset"]:
+        spec = specs[name]
+        if not spec.preset:
             values.append(gr.update())
         elif family in PRESETS:
-            values.append(str(PRESETS[family][name]) if f.metadata["choices"] else PRESETS[family][name])
+            value = PRESETS[family][name]
+            values.append(str(value) if spec.kind == "choice" else value)
         else:
-            values.append(PRESET if f.metadata["choices"] else 0)
+            values.append(spec.unset)
     return values
 
 
@@ -147,8 +114,8 @@ def check_dataset(folder: str, trigger_word: str = "") -> str:
 
 def build_blocks(host, trainer: Trainer) -> gr.Blocks:
     """The whole tab. `host` is a UiHost (hosts/app.py, hosts/a1111.py); `trainer` runs its jobs."""
-    fields = {f.name: f for f in config_fields(TrainConfig)}
-    caption_fields = {f.name: f for f in config_fields(CaptionConfig)}
+    fields = form_specs(TrainConfig)
+    caption_fields = form_specs(CaptionConfig)
     hidden = set(ALWAYS_HIDDEN) | set(host.hidden_keys) | IMAGE_UI_SKIPS
     defaults = host.default_values()
 
@@ -159,10 +126,8 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         with gr.Tabs(elem_id="lora_trainer_tabs"):
             with gr.Tab("1. Dataset", elem_id="lora_trainer_tab_dataset"):
                 if host.needs_base_model:
-                    base_model = gr.Textbox(label="Base model", info=fields["base_model"].metadata["help"],
-                                            value=defaults.get("base_model", ""), elem_id="lora_trainer_base_model")
-                folder = gr.Textbox(label="Image folder", info=fields["train_data_dir"].metadata["help"],
-                                    value=defaults.get("train_data_dir", ""), elem_id="lora_trainer_train_data_dir")
+                    base_model = _component(fields["base_model"], defaults.get("base_model"))
+                folder = _component(fields["train_data_dir"], defaults.get("train_data_dir"))
                 check = gr.Button("Check dataset", elem_id="lora_trainer_check")
                 report = gr.Markdown("", elem_id="lora_trainer_dataset_report")
 
@@ -204,9 +169,9 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                         inputs.append(_component(fields[name], defaults.get(name)))
                 with gr.Accordion("Advanced", open=False, elem_id="lora_trainer_advanced"):
                     groups: dict[str, list[str]] = {}
-                    for name, f in fields.items():
+                    for name, spec in fields.items():
                         if name not in BASIC and name not in hidden:
-                            groups.setdefault(f.metadata["group"], []).append(name)
+                            groups.setdefault(spec.group, []).append(name)
                     for group, members in groups.items():
                         gr.Markdown(f"**{group.capitalize()}**")
                         with gr.Row():
@@ -284,9 +249,8 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
 
             values = {"prefix": prefix, "existing": existing, "model": model,
                       **dict(zip(caption_extra_names, extra))}
-            values = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in values.items()}
             try:
-                config = make_config(values, CaptionConfig)
+                config = make_config(config_values(values, CaptionConfig), CaptionConfig)
                 result = host.run_exclusive(lambda: caption_folder(folder_value.strip(), config))
             except LoraTrainerError as exc:
                 return with_captions(folder_value, f"**Problem:** {exc}")
@@ -331,7 +295,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
 
         def on_train(folder_value, *args):
             base = args[:len(base_inputs)]
-            values = form_values(names, args[len(base_inputs):])
+            values = config_values(dict(zip(names, args[len(base_inputs):])))
             values["train_data_dir"] = folder_value.strip()
             if base:
                 values["base_model"] = base[0].strip()
