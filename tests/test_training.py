@@ -472,3 +472,31 @@ def test_torch_compile_without_a_cuda_gpu_trains_uncompiled_and_says_so(sd1_chec
     assert "torch_compile: true needs a CUDA GPU and Triton" in caplog.text
     first, second = read_lora_file(plain.lora_file)[0], read_lora_file(asked.lora_file)[0]
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_latent_cache_is_keyed_by_the_models_weights_not_by_a_path(sd1_checkpoint, dataset, tmp_path, caplog):
+    """A host's model has no path: the cache on disk must still tell it apart from another model. The same weights
+    reuse the cache; other UNet weights, or another image encoder, encode the images again."""
+    from lora_trainer.backbones import weights_identity
+    from lora_trainer.backbones.host import HostBackbone
+
+    encoders = DiffusionBackbone.from_file(sd1_checkpoint)
+
+    def host_model(seed: int, vae_seed: int = 0) -> HostBackbone:
+        checkpoint = tiny_state_dict("sd1", seed=seed)
+        unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
+        return HostBackbone.from_ldm_unet(unet, "sd1", encode_images=encoders.encode_images,
+                                          encode_prompts=encoders.encode_prompts, name="host",
+                                          encoder_id=f"vae-{vae_seed}")
+
+    assert weights_identity(host_model(0).unet) == weights_identity(host_model(0).unet)
+    assert weights_identity(host_model(0).unet) != weights_identity(host_model(1).unet)
+    config = quick_config("", dataset, tmp_path / "out", base_model="", cache_latents_to_disk=True, max_steps=1)
+    reused = []
+    for model, expected in ((host_model(0), False), (host_model(0), True), (host_model(1), False),
+                            (host_model(1, vae_seed=1), False)):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train_lora(config, backbone=model)
+        reused.append("Using cached latents" in caplog.text)
+        assert reused[-1] == expected, reused

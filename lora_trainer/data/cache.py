@@ -96,11 +96,11 @@ def encode_dataset(items: list[ImageItem], buckets: list[tuple[int, int]], encod
                 time_ids[index] = torch.tensor([image.height, image.width, top, left, bucket[1], bucket[0]], dtype=torch.float32)
             batch = torch.stack([_pixels(im) for im in images])
             for index, lat in zip(chunk, encode(batch).float().cpu()):
-                latents[index] = lat.clone()
+                latents[index] = lat.clone(memory_format=torch.contiguous_format)  # safetensors saves no strided views
             if flip:
                 mirrored = torch.stack([_pixels(ImageOps.mirror(im)) for im in images])
                 for index, lat in zip(chunk, encode(mirrored).float().cpu()):
-                    flipped[index] = lat.clone()
+                    flipped[index] = lat.clone(memory_format=torch.contiguous_format)
             done += len(chunk)
             if on_progress:
                 on_progress(done, len(items))

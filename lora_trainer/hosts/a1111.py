@@ -335,6 +335,7 @@ def webui_backbone(config: TrainConfig):
     """(HostBackbone over the loaded model, a function that puts everything back, the checkpoint's path)."""
     from modules import devices, shared
 
+    from lora_trainer.backbones import weights_identity
     from lora_trainer.backbones.host import HostBackbone
 
     if getattr(shared.cmd_opts, "lowvram", False):
@@ -405,10 +406,12 @@ def webui_backbone(config: TrainConfig):
     else:
         prediction = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
     unet_sd = unet.state_dict()
+    vae = getattr(sd_model, "first_stage_model", None)  # names the latent cache's encoder
+    encoder_id = weights_identity(vae) if isinstance(vae, torch.nn.Module) else str(getattr(info, "filename", ""))
     backbone = HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                           pooled_dim=pooled_dim, prediction_type=prediction,
                                           name=getattr(info, "name_for_extra", None) or "WebUI model", release=release,
-                                          decode_images=decode_images)
+                                          decode_images=decode_images, encoder_id=encoder_id)
     return backbone, restore, str(getattr(info, "filename", ""))
 
 

@@ -231,6 +231,7 @@ def comfy_backbone(model, clip, vae, seed: int = 0):
     """
     import comfy.model_management as mm
 
+    from lora_trainer.backbones import weights_identity
     from lora_trainer.backbones.host import HostBackbone
 
     family = model_family(model)
@@ -270,7 +271,8 @@ def comfy_backbone(model, clip, vae, seed: int = 0):
 
     return HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                       pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model",
-                                      release=release, decode_images=decode_images)
+                                      release=release, decode_images=decode_images,
+                                      encoder_id=weights_identity(vae.first_stage_model))
 
 
 def publish(lora_file: Path, name: str) -> Path:
