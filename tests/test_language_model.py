@@ -258,3 +258,15 @@ def test_bf16_autocast_trains_with_the_lora_input_kept_in_bf16(tiny_lm, corpus, 
     assert result.metrics["perplexity_after"] < 0.1 * result.metrics["perplexity_before"]
     adapter = load_file(str(result.lora_file / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_a_finished_run_keeps_a_checkpoint_that_continues_with_more_steps(tiny_lm, corpus, tmp_path):
+    """The one loop gives language models what images had: a resumable checkpoint at the end of every run."""
+    first = train_lora(lm_config(tiny_lm, corpus, tmp_path / "out", max_steps=3, lr_scheduler="constant"))
+    assert (tmp_path / "out" / "checkpoints" / "step-00000003" / "state.pt").is_file() and not first.interrupted
+    before = load_file(str(first.lora_file / "adapter_model.safetensors"))
+    more = train_lora(lm_config(tiny_lm, corpus, tmp_path / "out", max_steps=5, lr_scheduler="constant"),
+                      resume=tmp_path / "out")
+    assert more.steps == 5 and [step for step, _ in more.losses] == [4, 5]
+    after = load_file(str(more.lora_file / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
