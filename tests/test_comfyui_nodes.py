@@ -113,7 +113,7 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
         return cond["hidden"], cond.get("pooled", torch.zeros(1, 64))
 
     clip = types.SimpleNamespace(tokenize=lambda text: text, encode_from_tokens=encode_from_tokens)
-    vae = types.SimpleNamespace(
+    vae = types.SimpleNamespace(first_stage_model=encoders.vae,  # comfy.sd.VAE keeps its module there
         encode=lambda pixels: encoders.vae.encode(pixels.movedim(-1, 1) * 2 - 1).latent_dist.mean,
         decode=lambda latents: ((encoders.vae.decode(latents).sample + 1) / 2).clamp(0, 1).movedim(1, -1))
     return types.SimpleNamespace(state=state, loras=loras, model=model, clip=clip, vae=vae, host_unet=host_unet,
