@@ -498,3 +498,24 @@ def test_output_names_cannot_leave_the_output_folder(typed):
     name = safe_name(typed)
     assert "/" not in name and "\\" not in name and not name.startswith(".")
     assert Path("out", name).resolve().parent == Path("out").resolve()
+
+
+def test_a_folder_is_replaced_whole_and_a_failed_write_keeps_the_old_one(tmp_path: Path) -> None:
+    """Checkpoint and adapter folders: written beside, renamed over; the old folder is never deleted first."""
+    from lora_trainer.atomic import folder_replaced_atomically
+
+    target = tmp_path / "checkpoints" / "step-00000004"
+    with folder_replaced_atomically(target) as tmp:
+        (tmp / "state.pt").write_text("first")
+    with pytest.raises(KeyboardInterrupt):
+        with folder_replaced_atomically(target) as tmp:
+            (tmp / "state.pt").write_text("half")
+            assert (target / "state.pt").read_text() == "first"  # the old one stays readable while writing
+            raise KeyboardInterrupt
+    assert (target / "state.pt").read_text() == "first"
+    with folder_replaced_atomically(target) as tmp:
+        (tmp / "state.pt").write_text("second")
+        (tmp / "config.yaml").write_text("x")
+    assert sorted(p.name for p in target.iterdir()) == ["config.yaml", "state.pt"]
+    assert (target / "state.pt").read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["step-00000004"]  # no temporary or old folder left behind
