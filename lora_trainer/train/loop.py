@@ -95,7 +95,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     result = TrainResult(None, out_dir, step, total_steps)
     meta = {"started_at": started_at, "total_steps": total_steps}
 
-    def save(kind: str) -> Path | None:
+    def save(what: str) -> Path | None:
         """A resumable checkpoint plus a usable LoRA of this step (main process only); the LoRA's path.
         The 'final' one goes with the finished LoRA and lets `train --resume` continue with more steps."""
         if not accelerator.is_main_process:
@@ -104,16 +104,16 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         done = min(step * accumulation, len(plan))
         epoch = plan[min(done, len(plan) - 1)][0] + (1 if done >= len(plan) else 0)
         folder, lora_path = checkpoints.save(out_dir, config, backbone, step_fn.optimizer, step_fn.scheduler,
-                                             micro=done, step=step, epoch=epoch, kind=kind,
+                                             micro=done, step=step, epoch=epoch, kind=what,
                                              meta={**meta, "step": step, "epoch": epoch})
         outputs = {}
-        if kind == "final":
+        if what == "final":
             outputs = backbone.export(out_dir / config.output_name, config, {**meta, "step": step, "epoch": epochs})
             lora_path = outputs.pop("final")
-        bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=kind)
-        for what, path in outputs.items():  # e.g. a language model merged with its LoRA
-            result.metrics[f"{what}_model"] = str(path)
-            bus.emit("saved", step, total_steps, path=str(path), what=what)
+        bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=what)
+        for other, path in outputs.items():  # e.g. a language model merged with its LoRA
+            result.metrics[f"{other}_model"] = str(path)
+            bus.emit("saved", step, total_steps, path=str(path), what=other)
         return lora_path
 
     def evaluate(when: str) -> None:
