@@ -507,11 +507,10 @@ def test_a_folder_is_replaced_whole_and_a_failed_write_keeps_the_old_one(tmp_pat
     target = tmp_path / "checkpoints" / "step-00000004"
     with folder_replaced_atomically(target) as tmp:
         (tmp / "state.pt").write_text("first")
-    with pytest.raises(KeyboardInterrupt):
-        with folder_replaced_atomically(target) as tmp:
-            (tmp / "state.pt").write_text("half")
-            assert (target / "state.pt").read_text() == "first"  # the old one stays readable while writing
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), folder_replaced_atomically(target) as tmp:
+        (tmp / "state.pt").write_text("half")
+        assert (target / "state.pt").read_text() == "first"  # the old one stays readable while writing
+        raise KeyboardInterrupt
     assert (target / "state.pt").read_text() == "first"
     with folder_replaced_atomically(target) as tmp:
         (tmp / "state.pt").write_text("second")

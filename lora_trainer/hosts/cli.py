@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 
 from lora_trainer import __version__
-from lora_trainer.config import CaptionConfig, config_fields, load_config, make_config, markdown_table, resolve, to_yaml
+from lora_trainer.config import (
+    CaptionConfig,
+    config_fields,
+    field_kind,
+    load_config,
+    make_config,
+    markdown_table,
+    resolve,
+    to_yaml,
+)
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.events import Event
 
@@ -143,12 +152,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per field of a config dataclass, with its help, type and choices (defaults stay in the config)."""
     kinds = {"str": str, "int": int, "float": float}
     for f in config_fields(cls):
-        meta = f.metadata
+        meta, kind = f.metadata, field_kind(f)
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        elif kind == "list":  # one flag per item
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=meta["help"])
         else:
-            parser.add_argument(flag, dest=f.name, type=kinds[f.type], choices=meta["choices"], default=None,
+            parser.add_argument(flag, dest=f.name, type=kinds[kind], choices=meta["choices"], default=None,
                                 help=f"{meta['help']} (default: {f.default})")
 
 
