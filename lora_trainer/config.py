@@ -42,7 +42,8 @@ class TrainConfig:
     model_type: str = _field("image", "What base_model is: an image model (SD1.x/SD2.x/SDXL), or a causal language model (causal_lm: a local Hugging Face model folder such as LLaMA, Mistral, Qwen or GPT-2). Only the keys of its kind matter.", group="model", choices=("image", "causal_lm"))
     base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model", label="Base model")
     family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
-    prediction_type: str = _field("auto", "What the UNet predicts; 'auto' is epsilon for SD1/SDXL and v_prediction for SD2 (768-v).", group="model", choices=("auto", "epsilon", "v_prediction"), label="Prediction type")
+    prediction_type: str = _field("auto", "What the UNet predicts; 'auto' reads the checkpoint: v_prediction for SD2 (768-v) and for SDXL checkpoints marked v_pred (NoobAI-XL v-pred and its merges), else epsilon. A host's model says it itself.", group="model", choices=("auto", "epsilon", "v_prediction"), label="Prediction type")
+    zero_terminal_snr: str = _field("auto", "Train with the noise schedule rescaled to zero terminal SNR (the last timestep is pure noise), as v-prediction models marked ztsnr were made; 'auto' reads the checkpoint's ztsnr marker. Needs v_prediction.", group="model", choices=("auto", "on", "off"), label="Zero terminal SNR")
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
     max_token_length: int = _field(75, "Caption tokens the text encoder sees: 75, or 150/225 for long tag lists (encoded in 75-token chunks, as the WebUI does with long prompts).", group="model", choices=(75, 150, 225), label="Caption tokens")
     clip_skip: int | None = _field(None, "Use the text encoder's output this many layers from the end (1 = last layer; 2 is common for anime SD1 models). Ignored for SD2/SDXL, which use their own layer.", group="model", min=1, max=12, preset=True, label="CLIP skip")
@@ -321,9 +322,7 @@ def resolve(config: TrainConfig, family: str) -> TrainConfig:
     values["output_dir"] = values["output_dir"] or str(Path("output") / values["output_name"])
     if family == "causal_lm":
         return TrainConfig(**values)
-    values["family"] = family
-    if values["prediction_type"] == "auto":
-        values["prediction_type"] = "v_prediction" if family == "sd2" else "epsilon"
+    values["family"] = family  # prediction_type and zero_terminal_snr 'auto' are settled by the loaded model
     if values["text_encoder_lr"] is None:
         values["text_encoder_lr"] = values["learning_rate"] / 2
     values["min_bucket_reso"] = min(values["min_bucket_reso"], values["resolution"])

@@ -86,3 +86,54 @@ def test_training_with_long_captions(tiny_checkpoints, dataset, tmp_path):
     result = train_lora(quick_config(tiny_checkpoints["sdxl"], dataset, tmp_path / "out", max_token_length=225,
                                      max_steps=2))
     assert result.lora_file.is_file()
+
+
+def test_a_v_prediction_sdxl_marked_ztsnr_trains_and_samples_as_it_was_made(dataset, tmp_path):
+    """NoobAI-XL v-pred files carry `v_pred` and `ztsnr` keys. Peers that miss them train without error and the LoRA
+    draws empty images: the model is trained on noise it never sees, and sampling starts short of pure noise."""
+    import numpy as np
+    import yaml
+    from conftest import quick_config
+    from PIL import Image
+
+    from lora_trainer.backbones.tiny import build_tiny_checkpoint
+    from lora_trainer.lora.kohya import read_lora_file
+    from lora_trainer.train.loop import train_lora
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "noob-vpred.safetensors", "sdxl-vpred")
+    backbone = DiffusionBackbone.from_file(checkpoint)
+    assert (backbone.family, backbone.prediction_type, backbone.zero_terminal_snr) == ("sdxl", "v_prediction", True)
+    assert backbone.noise_scheduler.alphas_cumprod[-1] == 0  # the last training timestep is pure noise
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    last = torch.tensor([999, 999])
+    torch.testing.assert_close(backbone.noise_scheduler.add_noise(latents, noise, last), noise)
+    torch.testing.assert_close(backbone.target(latents, noise, last), -latents)  # v there is the image itself
+    scheduler = backbone.sampling_scheduler()
+    scheduler.set_timesteps(10)
+    assert int(scheduler.timesteps[0]) == 999  # sampling starts from pure noise ('trailing' spacing)
+    plain = DiffusionBackbone.from_file(build_tiny_checkpoint(tmp_path / "plain.safetensors", "sdxl"))
+    assert (plain.prediction_type, plain.zero_terminal_snr) == ("epsilon", False)
+
+    result = train_lora(quick_config(checkpoint, dataset, tmp_path / "out", max_steps=6, sample_prompts=["a cat"],
+                                     sample_steps=4))
+    _, metadata = read_lora_file(result.lora_file)
+    assert (metadata["ss_v_parameterization"], metadata["modelspec.prediction_type"],
+            metadata["ss_zero_terminal_snr"]) == ("True", "v", "True")
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert (saved["prediction_type"], saved["zero_terminal_snr"]) == ("v_prediction", "on")
+    assert all(np.isfinite(loss) for _, loss in result.losses)
+    assert np.asarray(Image.open(result.samples[0])).std() > 1  # an image, not one flat colour
+
+
+def test_zero_terminal_snr_with_noise_prediction_is_refused_before_anything_is_cached(dataset, tmp_path, caplog):
+    from conftest import quick_config
+
+    from lora_trainer.backbones.tiny import build_tiny_checkpoint
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.train.loop import train_lora
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "noob-vpred.safetensors", "sdxl-vpred")
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs v-prediction"):
+        train_lora(quick_config(checkpoint, dataset, tmp_path / "eps", prediction_type="epsilon"))
+    assert not (tmp_path / "eps").exists()
+    assert "marked as a v-prediction model" in caplog.text

@@ -23,7 +23,7 @@ class Backbone(Protocol):
 
     `read_data` (before any weights load: a bad folder fails at once), `load` (weights from a file or folder;
     a host hands its loaded weights to the constructor instead), `prepare` (cache the inputs, place the frozen
-    modules), `add_lora`, then per batch `batch` and `loss`, and `evaluate`, `sample`, `checkpoint_lora` and
+    modules), `settle`, `add_lora`, then per batch `batch` and `loss`, and `evaluate`, `sample`, `checkpoint_lora` and
     `export` when they are due.
     """
 
@@ -47,6 +47,9 @@ class Backbone(Protocol):
     def prepare(self, config: TrainConfig, data: Any, accelerator, bus) -> list[tuple[Hashable, int]]:
         """Cache the inputs (encoded images and captions, token rows) and place the frozen modules on the device.
         Returns, per example, the key of the batches it may join (same key = same shape) and its repeats."""
+
+    def settle(self, config: TrainConfig) -> TrainConfig:
+        """The config with the values the loaded model decided where it said 'auto' (saved and in the LoRA)."""
 
     def add_lora(self, config: TrainConfig) -> list[dict]:
         """Put LoRA layers (new, or from `config.init_lora`) into the model; the optimizer's parameter groups."""

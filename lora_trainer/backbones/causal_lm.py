@@ -221,6 +221,10 @@ class CausalLMBackbone:
         self.model.config.use_cache = False
         return [(len(e.input_ids) if config.packing else 0, 1) for e in data.dataset.train]
 
+    def settle(self, config: TrainConfig) -> TrainConfig:
+        """Nothing left to the model (max_seq_length was settled with the data)."""
+        return config
+
     def add_lora(self, config: TrainConfig) -> list[dict]:
         """peft LoRA layers as the config says, or the adapter folder `init_lora`, trained in fp32."""
         self.model = attach_lora(self.model, config)

@@ -36,7 +36,7 @@ class HostBackbone(DiffusionBackbone):
                       pooled_dim: int | None = None, prediction_type: str = "epsilon",
                       name: str = "host model", release: Callable[[], None] | None = None,
                       decode_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      encoder_id: str = "") -> HostBackbone:
+                      encoder_id: str = "", zero_terminal_snr: bool = False) -> HostBackbone:
         """Share a host's LDM UNet tensors (keys without 'model.diffusion_model.') and use its encoders.
 
         `encode_images` takes pixels in [-1, 1] (B, 3, H, W) and returns latents already scaled by the VAE
@@ -46,7 +46,7 @@ class HostBackbone(DiffusionBackbone):
         """
         unet = ldm.unet_from_ldm(unet_state_dict, family, pooled_dim)
         return cls(family=family, unet=unet, vae=None, text_encoders=[], tokenizers=[],
-                   prediction_type=prediction_type, name=name,
+                   prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, name=name,
                    image_encoder=encode_images, prompt_encoder=encode_prompts, release=release,
                    image_decoder=decode_images, encoder_id=encoder_id)
 
@@ -94,13 +94,12 @@ class HostSampler:
 
     def __call__(self, prompt: str, *, num_inference_steps: int, guidance_scale: float, generator: torch.Generator,
                  height: int, width: int, negative_prompt: str | None = None):
-        from diffusers import EulerDiscreteScheduler
 
         backbone = self.backbone
         weight = next(backbone.unet.parameters())
         cond = backbone.encode_prompts([negative_prompt or "", prompt])
         both = {k: v.to(weight.device, weight.dtype) for k, v in cond.items()}
-        scheduler = EulerDiscreteScheduler.from_config(backbone.noise_scheduler.config)
+        scheduler = backbone.sampling_scheduler()
         scheduler.set_timesteps(num_inference_steps, device=weight.device)
         latents = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(weight.device)
         latents = latents * scheduler.init_noise_sigma

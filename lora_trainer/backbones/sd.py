@@ -8,6 +8,7 @@ previews, and the export as a kohya LoRA file that every host reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -81,6 +82,7 @@ class DiffusionBackbone:
     text_encoders: list[CLIPTextModel]
     tokenizers: list[CLIPTokenizer]
     prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False  # the schedule rescaled so that its last timestep is pure noise
     clip_skip: int = 1
     name: str = "model"
     max_token_length: int = 75
@@ -91,7 +93,12 @@ class DiffusionBackbone:
     run: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.noise_scheduler = DDPMScheduler(**SCHEDULER, prediction_type=self.prediction_type)
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("zero_terminal_snr needs v-prediction: at the last timestep the input is pure noise, so a "
+                              "model predicting the noise learns nothing there and samples come out empty. Set "
+                              "prediction_type: v_prediction, or zero_terminal_snr: off.")
+        self.noise_scheduler = DDPMScheduler(**SCHEDULER, prediction_type=self.prediction_type,
+                                             rescale_betas_zero_snr=self.zero_terminal_snr)
 
     @classmethod
     def detect(cls, config: TrainConfig) -> str | None:
@@ -110,16 +117,19 @@ class DiffusionBackbone:
     def load(cls, config: TrainConfig, data: DatasetScan) -> DiffusionBackbone:
         """The checkpoint file or diffusers folder `base_model`."""
         return cls.from_file(config.base_model, family=config.family, prediction_type=config.prediction_type,
-                             allow_pickle=config.allow_pickle, clip_skip=config.clip_skip,
-                             max_token_length=config.max_token_length)
+                             zero_terminal_snr=config.zero_terminal_snr, allow_pickle=config.allow_pickle,
+                             clip_skip=config.clip_skip, max_token_length=config.max_token_length)
 
     @classmethod
     def from_file(cls, path: str | Path, *, family: str = "auto", prediction_type: str = "auto",
-                  allow_pickle: bool = False, clip_skip: int = 1, max_token_length: int = 75) -> DiffusionBackbone:
-        """Load a single-file LDM checkpoint or a diffusers folder, fully offline."""
+                  zero_terminal_snr: str = "auto", allow_pickle: bool = False, clip_skip: int = 1,
+                  max_token_length: int = 75) -> DiffusionBackbone:
+        """Load a single-file LDM checkpoint or a diffusers folder, fully offline. `prediction_type` and
+        `zero_terminal_snr` 'auto' follow the file: the `v_pred` / `ztsnr` marker keys (as ComfyUI reads them)
+        or a diffusers folder's scheduler config."""
         path = Path(path).expanduser()
         if path.is_dir():
-            backbone = cls._from_diffusers(path, family, prediction_type, allow_pickle, clip_skip)
+            backbone = cls._from_diffusers(path, family, prediction_type, zero_terminal_snr, allow_pickle, clip_skip)
             backbone.max_token_length = max_token_length
             return backbone
         checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
@@ -137,13 +147,14 @@ class DiffusionBackbone:
         pooled = encoders[-1].config.projection_dim if family == "sdxl" else None
         unet = ldm.unet_from_ldm(unet_sd, family, pooled)
         vae = ldm.vae_from_ldm(checkpoint, family)
+        prediction = _prediction(prediction_type, family, marked_v="v_pred" in checkpoint, source=path.name)
         return cls(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=default_tokenizers(family),
-                   prediction_type=_prediction(prediction_type, family), clip_skip=clip_skip, name=path.stem,
-                   max_token_length=max_token_length)
+                   prediction_type=prediction, zero_terminal_snr=_zero_snr(zero_terminal_snr, "ztsnr" in checkpoint),
+                   clip_skip=clip_skip, name=path.stem, max_token_length=max_token_length)
 
     @classmethod
-    def _from_diffusers(cls, folder: Path, family: str, prediction_type: str, allow_pickle: bool,
-                        clip_skip: int) -> DiffusionBackbone:
+    def _from_diffusers(cls, folder: Path, family: str, prediction_type: str, zero_terminal_snr: str,
+                        allow_pickle: bool, clip_skip: int) -> DiffusionBackbone:
         """Load a diffusers-layout folder (unet/, vae/, text_encoder/, tokenizer/ ...)."""
         detected = _diffusers_family(folder)
         if family not in ("auto", detected):
@@ -159,8 +170,13 @@ class DiffusionBackbone:
                 tokenizers.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"Cannot load the diffusers folder {folder}: {exc}") from None
+        schedule_file = folder / "scheduler" / "scheduler_config.json"
+        schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else {}
+        prediction = _prediction(prediction_type, detected, schedule.get("prediction_type") == "v_prediction",
+                                 source=folder.name)
         return cls(family=detected, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-                   prediction_type=_prediction(prediction_type, detected), clip_skip=clip_skip, name=folder.name)
+                   prediction_type=prediction, clip_skip=clip_skip, name=folder.name,
+                   zero_terminal_snr=_zero_snr(zero_terminal_snr, bool(schedule.get("rescale_betas_zero_snr"))))
 
     # -- encoders and the UNet --------------------------------------------------------------------
 
@@ -301,6 +317,11 @@ class DiffusionBackbone:
                 self.offload_encoders()
         run["text_cache"] = text_cache
         return [(entry.bucket, entry.item.repeats * config.repeats) for entry in cache]
+
+    def settle(self, config: TrainConfig) -> TrainConfig:
+        """The config with what this model decided: its prediction type and noise schedule (for the metadata)."""
+        return dataclasses.replace(config, prediction_type=self.prediction_type,
+                                   zero_terminal_snr="on" if self.zero_terminal_snr else "off")
 
     def identity(self) -> str:
         """What the latent cache is keyed by: the weights of the UNet and of the VAE that encodes the images."""
@@ -498,11 +519,17 @@ class DiffusionBackbone:
             fill_lora(model, modules)
             model.requires_grad_(False)
 
+    def sampling_scheduler(self) -> EulerDiscreteScheduler:
+        """Euler over the training schedule. With zero terminal SNR its steps are spaced from the very last
+        timestep ('trailing', as the paper says): the leading spacing would start short of pure noise."""
+        extra = {"timestep_spacing": "trailing"} if self.zero_terminal_snr else {}
+        return EulerDiscreteScheduler.from_config(self.noise_scheduler.config, **extra)
+
     def sampling_pipeline(self):
         """A diffusers pipeline over these very modules, for preview images."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        scheduler = EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+        scheduler = self.sampling_scheduler()
         if self.family == "sdxl":
             return StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
                                              text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],
@@ -521,14 +548,26 @@ def default_tokenizers(family: str) -> list[CLIPTokenizer]:
     return [clip_tokenizer(), clip_tokenizer(pad_token="!")]
 
 
-def _prediction(prediction_type: str, family: str) -> str:
-    """Resolve 'auto': SD2 checkpoints in use are mostly 768-v models, the others predict noise."""
+def _prediction(prediction_type: str, family: str, marked_v: bool = False, source: str = "The model") -> str:
+    """Resolve 'auto': a model marked v-prediction (the `v_pred` key, a diffusers scheduler config) predicts v,
+    SD2 checkpoints in use are mostly 768-v models, the others predict noise."""
     if prediction_type != "auto":
+        if marked_v and prediction_type != "v_prediction":
+            log.warning("%s is marked as a v-prediction model, but prediction_type: %s was set: a LoRA trained so "
+                        "will likely draw empty or washed-out images. Use prediction_type: auto.", source, prediction_type)
         return prediction_type
+    if marked_v:
+        log.info("%s is a v-prediction model: training with v-prediction.", source)
+        return "v_prediction"
     if family == "sd2":
         log.info("SD2 checkpoint: training with v-prediction (768-v). Set prediction_type: epsilon for 512-base.")
         return "v_prediction"
     return "epsilon"
+
+
+def _zero_snr(setting: str, marked: bool) -> bool:
+    """Resolve zero_terminal_snr 'auto' from the model's marker (the `ztsnr` key)."""
+    return marked if setting == "auto" else setting == "on"
 
 
 def module_lookup(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family: str) -> dict[str, tuple[int, str]]:

@@ -208,10 +208,15 @@ def wake_text_encoders(ckpt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def build_tiny_checkpoint(path: str | Path, family: str = "sd1", seed: int = 0) -> Path:
     """Write a random-weight checkpoint to `path`: a tiny one of `family`, or 'sd1-host'/'sd2-host'/'sdxl-host'/
-    'sdxl-comfy-host' for the hosts."""
+    'sdxl-comfy-host' for the hosts; 'sdxl-vpred' is SDXL with the v_pred and ztsnr marker keys that NoobAI-XL
+    v-pred files carry."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     host = family.endswith("-host")
+    vpred = family.endswith("-vpred")
+    family = family.removesuffix("-vpred")
     tensors = host_state_dict(family.removesuffix("-host"), seed) if host else tiny_state_dict(family, seed)
+    if vpred:
+        tensors.update({"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path

@@ -21,7 +21,8 @@ from lora_trainer.bench.measure import lora_difference, synthetic_photos, wait_f
 
 
 def real_shape_checkpoint(path: Path, family: str) -> Path:
-    """A random-weight checkpoint of the real SD1.5 or SDXL shapes, in the LDM single-file layout (fp16)."""
+    """A random-weight checkpoint of the real SD1.5 or SDXL shapes, in the LDM single-file layout (fp16);
+    'sdxl-vpred' adds the v_pred and ztsnr markers of NoobAI-XL v-pred files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -57,6 +58,8 @@ def real_shape_checkpoint(path: Path, family: str) -> Path:
                 num_attention_heads=20, hidden_act="gelu", projection_dim=1280))
             ckpt.update({"conditioner.embedders.1.model." + k: v for k, v in clip_to_open_clip(big_g.state_dict()).items()})
     wake_text_encoders(ckpt)
+    if family.endswith("-vpred"):
+        ckpt.update({"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     save_file({k: v.half().contiguous().cpu() for k, v in ckpt.items() if not k.endswith("position_ids")}, str(path))
     return path
 
@@ -185,7 +188,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         if size == "real":
             real_shape_checkpoint(checkpoint, family)
         else:
-            build_tiny_checkpoint(checkpoint, {"sd15": "sd1", "sdxl": "sdxl"}[family])
+            build_tiny_checkpoint(checkpoint, {"sd15": "sd1"}.get(family, family))
         data = tmp / "data"
         synthetic_photos(data, max(batch * max(processes, 1) * 4, 8), size=resolution)
         for image in data.glob("*.jpg"):

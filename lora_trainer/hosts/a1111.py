@@ -411,7 +411,9 @@ def webui_backbone(config: TrainConfig):
     backbone = HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                           pooled_dim=pooled_dim, prediction_type=prediction,
                                           name=getattr(info, "name_for_extra", None) or "WebUI model", release=release,
-                                          decode_images=decode_images, encoder_id=encoder_id)
+                                          decode_images=decode_images, encoder_id=encoder_id,
+                                          zero_terminal_snr=prediction == "v_prediction" and
+                                          _opt("sd_noise_schedule", "Default") == "Zero Terminal SNR")
     return backbone, restore, str(getattr(info, "filename", ""))
 
 

@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["caption", "train", "lm"])
     bench.add_argument("--size", choices=["tiny", "base", "large", "real"], default="base",
                        help="caption: BLIP size; train: real or tiny shapes (tiny for CPUs).")
-    bench.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="train: model family.")
+    bench.add_argument("--family", choices=["sd15", "sdxl", "sdxl-vpred"], default="sd15",
+                       help="train: model family (sdxl-vpred: SDXL v-prediction with zero terminal SNR).")
     bench.add_argument("--batch", type=int, default=4, help="train: images per step.")
     bench.add_argument("--steps", type=int, default=50, help="train: timed steps.")
     bench.add_argument("--images", type=int, default=512)

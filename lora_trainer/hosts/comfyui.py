@@ -241,6 +241,7 @@ def comfy_backbone(model, clip, vae, seed: int = 0):
     unet_sd = {k: v.clone() if v.is_inference() else v for k, v in model.model.diffusion_model.state_dict().items()}
     latent_format = model.model.latent_format
     prediction = "v_prediction" if "V_PREDICTION" in model.model.model_type.name else "epsilon"
+    zsnr = bool(getattr(getattr(model.model, "model_sampling", None), "zsnr", False))  # a checkpoint marked ztsnr
     batches = count()
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -272,7 +273,7 @@ def comfy_backbone(model, clip, vae, seed: int = 0):
     return HostBackbone.from_ldm_unet(unet_sd, family, encode_images=encode_images, encode_prompts=encode_prompts,
                                       pooled_dim=pooled_dim, prediction_type=prediction, name="ComfyUI model",
                                       release=release, decode_images=decode_images,
-                                      encoder_id=weights_identity(vae.first_stage_model))
+                                      encoder_id=weights_identity(vae.first_stage_model), zero_terminal_snr=zsnr)
 
 
 def publish(lora_file: Path, name: str) -> Path:

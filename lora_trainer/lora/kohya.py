@@ -57,6 +57,7 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
         "ss_base_model_version": BASE_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr == "on"),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": f"{config.lora_alpha:g}",

@@ -69,6 +69,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     if backbone is None:
         backbone = kind.load(config, data)
     examples = backbone.prepare(config, data, accelerator, bus)
+    config = backbone.settle(config)
 
     # 2. the LoRA (its random initialisation comes from the seed too), the plan of batches, the step
     torch.manual_seed(config.seed)
