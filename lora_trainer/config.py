@@ -21,7 +21,7 @@ from lora_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux1")
 
 
 def _field(default: Any, help: str, *, group: str, choices: tuple | None = None,
@@ -39,9 +39,12 @@ class TrainConfig:
     """Everything that decides a training run. `None` means "from the model family's preset"."""
 
     # model
-    model_type: str = _field("image", "What base_model is: an image model (SD1.x/SD2.x/SDXL), or a causal language model (causal_lm: a local Hugging Face model folder such as LLaMA, Mistral, Qwen or GPT-2). Only the keys of its kind matter.", group="model", choices=("image", "causal_lm"))
-    base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model", label="Base model")
+    model_type: str = _field("image", "What base_model is: an image model (SD1.x/SD2.x/SDXL, Flux.1), or a causal language model (causal_lm: a local Hugging Face model folder such as LLaMA, Mistral, Qwen or GPT-2). Only the keys of its kind matter.", group="model", choices=("image", "causal_lm"))
+    base_model: str = _field("", "Base model: an SD1.x/SD2.x/SDXL single-file .safetensors, a Flux.1 transformer or all-in-one .safetensors (ComfyUI's diffusion_models/ and checkpoints/ files), or a diffusers folder; for causal_lm, a Hugging Face model folder (config.json, *.safetensors, tokenizer files).", group="model", label="Base model")
     family: str = _field("auto", "Model family; 'auto' reads it from the checkpoint's keys.", group="model", choices=("auto", *FAMILIES))
+    text_encoders: list = _field([], "Text-encoder files of a transformer-only model (Flux.1: clip_l and t5xxl .safetensors). Empty: taken from the base file if it holds them, else found in ComfyUI's models/text_encoders (or models/clip) beside the base model.", group="model", label="Text encoder files")  # noqa: RUF009 - _field returns a default_factory for lists
+    vae: str = _field("", "Autoencoder file of a transformer-only model (Flux.1: ae.safetensors). Empty: from the base file, else ComfyUI's models/vae beside the base model.", group="model", label="Autoencoder file")
+    tokenizers: str = _field("", "Where the tokenizers of Flux.1's T5 are, offline: your ComfyUI or Forge folder, a diffusers folder of the model, or a folder holding tokenizer.json. Empty: the ComfyUI/Forge installation the base model lies in.", group="model", label="Tokenizer folder")
     prediction_type: str = _field("auto", "What the UNet predicts; 'auto' reads the checkpoint: v_prediction for SD2 (768-v) and for SDXL checkpoints marked v_pred (NoobAI-XL v-pred and its merges), else epsilon. A host's model says it itself.", group="model", choices=("auto", "epsilon", "v_prediction"), label="Prediction type")
     zero_terminal_snr: str = _field("auto", "Train with the noise schedule rescaled to zero terminal SNR (the last timestep is pure noise), as v-prediction models marked ztsnr were made; 'auto' reads the checkpoint's ztsnr marker. Needs v_prediction.", group="model", choices=("auto", "on", "off"), label="Zero terminal SNR")
     allow_pickle: bool = _field(False, "Allow loading .ckpt/.pt/.bin files, which can run code when opened. Only for files you trust.", group="model")
@@ -84,7 +87,12 @@ class TrainConfig:
     lr_scheduler: str | None = _field(None, "Learning-rate schedule after warm-up.", group="training", choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"), preset=True, label="Learning-rate schedule")
     lr_warmup_steps: int | None = _field(None, "Steps of linear warm-up at the start.", group="training", min=0, max=1_000_000, preset=True, label="Warm-up steps")
     max_grad_norm: float = _field(1.0, "Clip gradients to this norm (0 = off).", group="training", min=0.0, max=1000.0, label="Gradient clipping")
-    min_snr_gamma: float = _field(5.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off).", group="training", min=0.0, max=100.0, label="Min-SNR gamma")
+    min_snr_gamma: float = _field(5.0, "Min-SNR loss weighting gamma (5 is usual; 0 = off). SD families only.", group="training", min=0.0, max=100.0, label="Min-SNR gamma")
+    timestep_sampling: str | None = _field(None, "Flow-matching families (Flux.1): how training times are drawn. logit_normal: most steps at medium noise; shift: logit-normal moved towards noise by discrete_flow_shift; resolution_shift: moved by an amount that grows with the image size, as the Flux.1 pipeline samples; uniform: evenly. SD families draw uniformly.", group="training", choices=("uniform", "logit_normal", "shift", "resolution_shift"), preset=True, label="Timestep sampling")
+    discrete_flow_shift: float | None = _field(None, "The shift of timestep_sampling: shift (3.0 moves most steps towards noise; 1.0 = none).", group="training", min=0.1, max=20.0, preset=True, label="Flow shift")
+    sigmoid_scale: float = _field(1.0, "Spread of the logit-normal timestep draw (larger: more steps near pure noise and near the image).", group="training", min=0.1, max=10.0, label="Logit-normal scale")
+    loss_weighting: str = _field("none", "Flow-matching families: weight each example's loss by its time (sigma_sqrt: more weight near the image; cosmap: as SD3's paper). SD families use min_snr_gamma.", group="training", choices=("none", "sigma_sqrt", "cosmap"), label="Loss weighting")
+    train_guidance: float = _field(1.0, "Flux.1-dev's distilled guidance input while training: 1.0, as kohya sd-scripts and ai-toolkit train dev LoRAs.", group="training", min=0.0, max=20.0, label="Training guidance (Flux.1-dev)")
     noise_offset: float = _field(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", group="training", min=0.0, max=1.0)
     mixed_precision: str = _field("auto", "Compute precision; 'auto' is bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU.", group="training", choices=("auto", "no", "fp16", "bf16"), label="Mixed precision")
     gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: much less memory, ~30% slower.", group="training")
@@ -102,8 +110,8 @@ class TrainConfig:
     keep_last_n_checkpoints: int = _field(3, "How many periodic checkpoints to keep (older ones are deleted).", group="output", min=1, max=1000, label="Checkpoints to keep")
     sample_prompts: list = _field([], "Prompts rendered as preview images while training (PNG files and TensorBoard).", group="output")  # noqa: RUF009 - _field returns a default_factory for lists
     sample_every_n_steps: int = _field(0, "Render the sample prompts every N steps (0 = only at the end if prompts are given).", group="output", min=0, max=10_000_000, label="Sample every N steps")
-    sample_steps: int = _field(20, "Denoising steps per sample image.", group="output", min=1, max=200, label="Sample steps")
-    sample_guidance_scale: float = _field(7.0, "Classifier-free guidance of sample images.", group="output", min=0.0, max=50.0, label="Sample guidance (CFG)")
+    sample_steps: int | None = _field(None, "Denoising steps per sample image.", group="output", min=1, max=200, preset=True, label="Sample steps")
+    sample_guidance_scale: float | None = _field(None, "Guidance of sample images: classifier-free guidance for SD, the guidance input for Flux.1-dev.", group="output", min=0.0, max=50.0, preset=True, label="Sample guidance (CFG)")
     log_every_n_steps: int = _field(10, "Read the loss back and log it every N steps.", group="output", min=1, max=100000, label="Log every N steps")
 
     # language models (model_type: causal_lm)
@@ -172,15 +180,22 @@ ALIASES = {
 PRESETS: dict[str, dict[str, Any]] = {
     "sd1": {"resolution": 512, "min_bucket_reso": 256, "max_bucket_reso": 1024, "lora_rank": 16, "lora_alpha": 8.0,
                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                "epochs": 10, "batch_size": 2, "clip_skip": 1},
+                "epochs": 10, "batch_size": 2, "clip_skip": 1,
+                "timestep_sampling": "uniform", "discrete_flow_shift": 1.0, "sample_steps": 20, "sample_guidance_scale": 7.0},
     "sd2": {"resolution": 768, "min_bucket_reso": 384, "max_bucket_reso": 1536, "lora_rank": 16, "lora_alpha": 8.0,
                 "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                "epochs": 10, "batch_size": 2, "clip_skip": 1},
+                "epochs": 10, "batch_size": 2, "clip_skip": 1,
+                "timestep_sampling": "uniform", "discrete_flow_shift": 1.0, "sample_steps": 20, "sample_guidance_scale": 7.0},
     "causal_lm": {"lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 2e-4, "optimizer": "adamw",
                   "lr_scheduler": "cosine", "lr_warmup_steps": 0, "epochs": 3, "batch_size": 4},
     "sdxl": {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 8.0,
                  "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "cosine", "lr_warmup_steps": 0,
-                 "epochs": 10, "batch_size": 1, "clip_skip": 1},
+                 "epochs": 10, "batch_size": 1, "clip_skip": 1,
+                "timestep_sampling": "uniform", "discrete_flow_shift": 1.0, "sample_steps": 20, "sample_guidance_scale": 7.0},
+    "flux1": {"resolution": 1024, "min_bucket_reso": 256, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 16.0,
+              "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant", "lr_warmup_steps": 0,
+              "epochs": 10, "batch_size": 1, "clip_skip": 1, "timestep_sampling": "resolution_shift",
+              "discrete_flow_shift": 3.0, "sample_steps": 28, "sample_guidance_scale": 3.5},
 }
 
 

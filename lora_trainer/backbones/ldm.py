@@ -113,9 +113,16 @@ def vae_from_ldm(checkpoint: dict[str, torch.Tensor], family: str) -> Autoencode
     sd = {k[len("first_stage_model."):]: v for k, v in checkpoint.items() if k.startswith("first_stage_model.")}
     if not sd:
         raise CheckpointError("The checkpoint has no VAE (no 'first_stage_model.*' keys); bake one in first.")
+    return vae_from_state(sd, scaling=VAE_SCALING[family])
+
+
+def vae_from_state(sd: dict[str, torch.Tensor], scaling: float, shift: float | None = None) -> AutoencoderKL:
+    """An autoencoder from LDM-named weights (`encoder.down.0...`, prefix removed), config derived from the shapes:
+    SD's (with quant convs) and Flux's (16 channels, none)."""
     levels = _block_ids(list(sd), "encoder.down")
     channels = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels]
     layers = len(_block_ids([k[len("encoder.down.0."):] for k in sd if k.startswith("encoder.down.0.")], "block"))
+    quant = "quant_conv.weight" in sd
     config = {
         "in_channels": sd["encoder.conv_in.weight"].shape[1],
         "out_channels": sd["decoder.conv_out.weight"].shape[0],
@@ -123,8 +130,11 @@ def vae_from_ldm(checkpoint: dict[str, torch.Tensor], family: str) -> Autoencode
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
         "block_out_channels": channels,
         "layers_per_block": layers,
-        "latent_channels": sd["post_quant_conv.weight"].shape[0],
-        "scaling_factor": VAE_SCALING[family],
+        "latent_channels": sd["decoder.conv_in.weight"].shape[1],
+        "scaling_factor": scaling,
+        "shift_factor": shift,
+        "use_quant_conv": quant,
+        "use_post_quant_conv": quant,
     }
     vae = AutoencoderKL(**config)
     converted = convert_ldm_vae_checkpoint(sd, config)

@@ -23,16 +23,16 @@ from lora_trainer.errors import CheckpointError, TrainingError
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # kohya's prefix of each text encoder, by family
 TEXT_PREFIXES = {"sd1": ["lora_te"], "sd2": ["lora_te"], "sdxl": ["lora_te1", "lora_te2"]}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "Flux.1"}
 # the key prefixes of a whole single-file Stable Diffusion checkpoint (UNet, VAE, text encoders)
 BASE_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 # the width of the text conditioning a UNet's cross-attention takes, by family
 CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+                "sdxl": "stable-diffusion-xl-v1-base/lora", "flux1": "flux-1-dev/lora"}
 
 
 def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
@@ -50,6 +50,13 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
     arch = ARCHITECTURE[family]
     if family == "sd2" and config.prediction_type == "epsilon":
         arch = "stable-diffusion-v2-512/lora"
+    if family == "flux1" and meta.get("variant") == "schnell":
+        arch = "flux-1-schnell/lora"
+    flow = {} if family in ("sd1", "sd2", "sdxl") else {
+        "ss_timestep_sampling": config.timestep_sampling, "ss_discrete_flow_shift": f"{config.discrete_flow_shift:g}",
+        "ss_sigmoid_scale": f"{config.sigmoid_scale:g}", "ss_weighting_scheme": config.loss_weighting,
+        "ss_guidance_scale": f"{config.train_guidance:g}", "ss_model_prediction_type": "raw",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
     now = meta["finished_at"]
     return {
         "ss_output_name": config.output_name,
@@ -98,8 +105,9 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
         "modelspec.title": config.output_name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
         "modelspec.date": datetime.fromtimestamp(now, tz=timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon",
+        **({} if flow else {"modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon"}),
         "modelspec.trigger_phrase": config.trigger_word,
+        **flow,
     }
 
 

@@ -1,0 +1,199 @@
+"""Flux.1 from files: the layouts people have, training, exact resume, the LoRA's keys as the hosts read them,
+continuing from peers' LoRAs, and bad inputs refused before anything is cached."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import make_dataset, quick_config
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.backbones.files import read_weights
+from lora_trainer.backbones.flux import FluxBackbone, bfl_from_transformer, names, transformer_from_bfl
+from lora_trainer.backbones.tiny_flow import build_tiny_flux, tiny_flux_parts
+from lora_trainer.errors import CheckpointError, ConfigError
+from lora_trainer.events import CancelToken
+from lora_trainer.train.loop import train_lora
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """A tiny Flux.1-dev in ComfyUI's split layout (with T5's tokenizer where ComfyUI keeps it)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("comfy"))
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("one") / "blob", count=1)
+
+
+def flux_config(model, data, out, **overrides):
+    values = {"lora_rank": 4, "lora_alpha": 4, "batch_size": 1, "sample_steps": 2}
+    values.update(overrides)
+    return quick_config(model, data, out, **values)
+
+
+def test_the_bfl_layout_round_trips_through_the_training_layout():
+    parts = tiny_flux_parts()
+    model = transformer_from_bfl(dict(parts["transformer"]))
+    back = bfl_from_transformer(model)
+    assert back.keys() == parts["transformer"].keys()
+    assert all(torch.equal(back[k], parts["transformer"][k]) for k in back)
+
+
+def test_flux_trains_from_comfyui_split_files_and_the_loss_falls(flux, one_image, tmp_path):
+    result = train_lora(flux_config(flux, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
+                                    timestep_sampling="uniform", log_every_n_steps=10, lora_targets="locon"))
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0] * 0.85, losses  # ~1.0 is the part of the velocity the noise makes unpredictable
+    with safe_open(str(result.lora_file), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+
+
+def test_the_file_has_exactly_the_trained_effect(flux, dataset, tmp_path):
+    """Fused q/k/v parts written block-diagonally: the file applied to a fresh model gives the trained outputs."""
+    result = train_lora(flux_config(flux, dataset, tmp_path / "run", max_steps=3, save_dtype="fp32",
+                                    lora_targets="locon"))
+    config = result.output_dir / "config.yaml"
+    assert config.is_file()
+    weights = read_weights(flux)
+    trained = FluxBackbone(family="flux1", transformer=transformer_from_bfl(dict(weights)), vae=None,
+                           text_encoders=[], tokenizers=[], variant="dev")
+    state = torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    from lora_trainer.lora.inject import add_lora, load_lora_state
+
+    add_lora(trained.transformer, sorted({k.rsplit(".lora_", 1)[0] for k in state}), 4, 4.0, 0.0)
+    load_lora_state(trained.transformer, state)
+    loaded = FluxBackbone(family="flux1", transformer=transformer_from_bfl(dict(weights)), vae=None,
+                          text_encoders=[], tokenizers=[], variant="dev")
+    loaded.apply_lora_file(str(result.lora_file))
+    plain = transformer_from_bfl(dict(weights))
+    for model in (trained, loaded):
+        model.run["config"] = quick_config(flux, dataset, tmp_path)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.8])
+    cond = {"t5": torch.randn(2, 5, 64), "pooled": torch.randn(2, 64)}
+    with torch.no_grad():
+        want = trained.predict(trained.transformer, x, t, cond)
+        got = loaded.predict(loaded.transformer, x, t, cond)
+        base = trained.predict(plain, x, t, cond)
+    assert (want - base).abs().max() > 1e-4  # the LoRA does something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_reads_every_key_of_a_real_sized_flux_lora():
+    """At Flux.1-dev's real sizes (diffusers' converter knows only those), every key of our file is consumed and
+    each layer gets exactly our update (B @ A times the scale)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    targets = names(19, 38, 3072, 12288)
+    backbone = FluxBackbone.__new__(FluxBackbone)
+    backbone.file_targets = lambda: targets
+    torch.manual_seed(0)
+    picked = [n for n in targets if n.startswith(("transformer_blocks.0.", "single_transformer_blocks.0.",
+                                                  "transformer_blocks.18.", "single_transformer_blocks.37."))]
+    state = {}
+    for name in picked:
+        _, _, rows, _ = targets[name]
+        fan_in = 3072 + 12288 if name.endswith("proj_out") else 12288 if name.endswith("net.2") else 3072
+        state[f"{name}.lora_A.weight"] = torch.randn(2, fan_in)
+        state[f"{name}.lora_B.weight"] = torch.randn(rows, 2)
+    tensors = backbone.to_file(state, alpha=1.0, dtype="fp32")
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
+    for name in picked:
+        a, b = converted[f"transformer.{name}.lora_A.weight"], converted[f"transformer.{name}.lora_B.weight"]
+        probe = torch.randn(a.shape[1], 3)  # the update applied to a few vectors (whole products are too slow here)
+        want = state[f"{name}.lora_B.weight"] @ (state[f"{name}.lora_A.weight"] @ probe) * (1.0 / 2)
+        torch.testing.assert_close(b @ (a @ probe), want, rtol=1e-4, atol=1e-4)
+    assert len(converted) == 2 * len(picked)
+
+
+def test_resume_is_bit_identical(flux, dataset, tmp_path):
+    options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
+    whole = train_lora(flux_config(flux, dataset, tmp_path / "a", **options))
+    cancel = CancelToken()
+    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
+    first = train_lora(flux_config(flux, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
+    assert first.interrupted and first.steps == 3
+    resumed = train_lora(flux_config(flux, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_all_in_one_checkpoint_and_scaled_fp8_files_load(tmp_path, dataset):
+    aio = build_tiny_flux(tmp_path / "aio", layout="checkpoint")
+    result = train_lora(flux_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
+    assert result.lora_file.is_file() and len(result.samples) == 1
+    # ComfyUI's "scaled fp8": fp8 weights with a per-tensor scale beside each
+    split = build_tiny_flux(tmp_path / "fp8")
+    weights = load_file(str(split))
+    scaled = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in weights.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max().float() / 448
+            scaled[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            scaled[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            scaled[key] = value
+    save_file(scaled, str(split))
+    loaded = read_weights(split)
+    assert loaded["img_in.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(loaded["img_in.weight"].float(), weights["img_in.weight"], rtol=0.07, atol=1e-3)
+    assert train_lora(flux_config(split, dataset, tmp_path / "run8", max_steps=1)).lora_file.is_file()
+
+
+def test_continuing_from_a_kohya_or_diffusers_flux_lora(flux, dataset, tmp_path):
+    first = train_lora(flux_config(flux, dataset, tmp_path / "first", max_steps=2, save_dtype="fp32"))
+    diffusers_file = tmp_path / "diffusers_format.safetensors"
+    # the same LoRA in diffusers' names (peft lora_A/lora_B, transformer. prefix), as ai-toolkit writes Flux LoRAs
+    state = torch.load(next((first.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(diffusers_file))
+    for init in (first.lora_file, diffusers_file):
+        backbone = FluxBackbone.load(flux_config(flux, dataset, tmp_path / "x"), None)
+        modules = backbone.read_lora(str(init), alpha=4.0)
+        assert "transformer_blocks.0.attn.to_q" in modules
+        result = train_lora(flux_config(flux, dataset, tmp_path / f"cont_{init.stem}", max_steps=1, init_lora=str(init)))
+        assert result.lora_file.is_file()
+
+
+def test_bad_flux_inputs_are_refused_before_anything_is_written(flux, dataset, tmp_path):
+    lonely = tmp_path / "lonely" / "flux1-dev.safetensors"
+    lonely.parent.mkdir()
+    shutil.copy(flux, lonely)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"CLIP-L.*T5-XXL.*autoencoder"):
+        train_lora(flux_config(lonely, dataset, out))
+    vae = flux.parents[1] / "vae" / "ae.safetensors"
+    stranger = tmp_path / "umt5.safetensors"
+    save_file({"encoder.layers.0.weight": torch.zeros(2)}, str(stranger))
+    with pytest.raises(CheckpointError, match="umt5.safetensors is none of the parts a Flux.1 model uses"):
+        train_lora(flux_config(lonely, dataset, out, text_encoders=[str(stranger)]))
+    encoders = flux.parents[1] / "text_encoders"
+    wide = tmp_path / "clip_g.safetensors"  # a CLIP text encoder of another width (SDXL's second one)
+    clip = load_file(str(encoders / "clip_l.safetensors"))
+    clip["text_model.embeddings.token_embedding.weight"] = torch.zeros(49408, 1280)
+    save_file(clip, str(wide))
+    with pytest.raises(CheckpointError, match="clip_g.safetensors is not the CLIP-L this Flux transformer takes"):
+        train_lora(flux_config(lonely, dataset, out, text_encoders=[str(wide), str(encoders / "t5xxl_fp16.safetensors")],
+                               vae=str(vae)))
+    named = {"text_encoders": [str(encoders / "clip_l.safetensors"), str(encoders / "t5xxl_fp16.safetensors")],
+             "vae": str(vae)}
+    with pytest.raises(CheckpointError, match="T5 tokenizer was not found"):
+        train_lora(flux_config(lonely, dataset, out, **named))
+    truncated = tmp_path / "lonely" / "cut.safetensors"
+    truncated.write_bytes(flux.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        train_lora(flux_config(truncated, dataset, out))
+    with pytest.raises(ConfigError, match="shuffle_captions"):
+        train_lora(flux_config(flux, dataset, out, shuffle_captions=True))
+    assert not out.exists()
+    # with the tokenizer named, the same split files train
+    tokenizers = flux.parents[2] / "comfy" / "text_encoders" / "t5_tokenizer"
+    assert train_lora(flux_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
