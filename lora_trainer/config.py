@@ -21,7 +21,7 @@ from lora_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux1")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux1", "zimage", "klein")
 
 
 def _field(default: Any, help: str, *, group: str, choices: tuple | None = None,
@@ -195,7 +195,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "flux1": {"resolution": 1024, "min_bucket_reso": 256, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 16.0,
               "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant", "lr_warmup_steps": 0,
               "epochs": 10, "batch_size": 1, "clip_skip": 1, "timestep_sampling": "resolution_shift",
-              "discrete_flow_shift": 3.0, "sample_steps": 28, "sample_guidance_scale": 3.5},
+              "discrete_flow_shift": 3.0},  # sample_steps and sample_guidance_scale: the loaded model's (dev, schnell)
+    "zimage": {"resolution": 1024, "min_bucket_reso": 256, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 16.0,
+               "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant", "lr_warmup_steps": 0,
+               "epochs": 10, "batch_size": 1, "clip_skip": 1, "timestep_sampling": "shift", "discrete_flow_shift": 3.0},
+    "klein": {"resolution": 1024, "min_bucket_reso": 256, "max_bucket_reso": 2048, "lora_rank": 16, "lora_alpha": 16.0,
+              "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant", "lr_warmup_steps": 0,
+              "epochs": 10, "batch_size": 1, "clip_skip": 1, "timestep_sampling": "resolution_shift",
+              "discrete_flow_shift": 3.0},
 }
 
 
@@ -386,7 +393,7 @@ def markdown_table(cls: type = TrainConfig) -> str:
     for f in config_fields(cls):
         meta = f.metadata
         if meta["preset"]:
-            values = {family: PRESETS[family][f.name] for family in FAMILIES}
+            values = {family: PRESETS[family].get(f.name, "the model's") for family in FAMILIES}
             same = len(set(values.values())) == 1
             default = f"{values['sd1']!r}" if same else " / ".join(f"{k} {v!r}" for k, v in values.items())
             if f.name in PRESETS["causal_lm"]:

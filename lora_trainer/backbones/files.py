@@ -65,7 +65,7 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None)
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            names = [k for k in f if k.startswith(prefix)]
+            names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 - safe_open is not iterable
             scales = {k for k in names if k.endswith((".scale_weight", ".weight_scale"))}
             for key in names:
                 if key in scales or key.endswith((".scale_input", ".input_scale", ".comfy_quant")) or \
@@ -89,7 +89,7 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None)
 def shape_of(path: Path, key: str) -> tuple[int, ...] | None:
     """A tensor's shape read from a file's header (None when the file has no such tensor)."""
     with safe_open(str(path), framework="pt") as f:
-        return tuple(f.get_slice(key).get_shape()) if key in f else None
+        return tuple(f.get_slice(key).get_shape()) if key in set(f.keys()) else None
 
 
 @dataclass

@@ -50,7 +50,10 @@ class FlowBackbone:
     variant: str = ""  # "dev", "schnell", "turbo", "base", "4b", "9b": what the family's defaults follow
     model_type = "image"
     can_compile = True
-    file_prefix = "lora_unet"  # the LoRA file's module prefix: kohya's, which ComfyUI, Forge and diffusers read
+    # how the LoRA file names a module: "kohya" (lora_unet_<module with _>.lora_down/lora_up/alpha) or "peft"
+    # (<file_prefix>.<module>.lora_A/lora_B/alpha, as ai-toolkit writes and ComfyUI reads for some families)
+    file_style = "kohya"
+    file_prefix = "lora_unet"
     run: dict = field(default_factory=dict, init=False, repr=False)
     prompt_cache: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -90,6 +93,14 @@ class FlowBackbone:
     def image_seq_len(self, height: int, width: int) -> int:
         """Tokens the transformer sees for latents of this size (the resolution shift reads it)."""
         return height * width // 4
+
+    def latent_shape(self, size: int) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents `encode_images` makes of a `size` x `size` image."""
+        return self.vae.config.latent_channels, size // 8, size // 8
+
+    def group(self, entry) -> Hashable:
+        """The batches a cached example may join: same key, same input shapes (the image's bucket)."""
+        return entry.bucket
 
     def defaults(self) -> dict:
         """The config values this model decides where the config says None/'auto' (sampling, timesteps)."""
@@ -143,7 +154,7 @@ class FlowBackbone:
         self.transformer.requires_grad_(False)
         current = next(self.transformer.parameters()).dtype
         self.transformer.to(device) if current == dtype else self.transformer.to(device, dtype)
-        return [(entry.bucket, entry.item.repeats * config.repeats) for entry in cache]
+        return [(self.group(entry), entry.item.repeats * config.repeats) for entry in cache]
 
     def _encode_once(self, texts: list[str], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
         """Each text's conditioning, computed with the encoders on the device one at a time, which then leave it."""
@@ -281,10 +292,10 @@ class FlowBackbone:
         cond = self._prompt(prompt, device, dtype)
         uncond = self._prompt(negative, device, dtype) if guidance > 1 and self.uses_cfg() else None
         size = size // 16 * 16
-        channels = self.latent_channels()
+        shape = self.latent_shape(size)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn((1, channels, size // 8, size // 8), generator=generator).to(device, dtype)
-        schedule = self.sampling_schedule(steps, self.image_seq_len(size // 8, size // 8))
+        x = torch.randn((1, *shape), generator=generator).to(device, dtype)
+        schedule = self.sampling_schedule(steps, self.image_seq_len(*shape[1:]))
         with torch.no_grad():
             for sigma, sigma_next in itertools.pairwise(schedule):
                 t = torch.full((1,), float(sigma), device=device)
@@ -310,10 +321,6 @@ class FlowBackbone:
     def uses_cfg(self) -> bool:
         """Whether previews mix in a negative prediction (classifier-free guidance) for guidance above 1."""
         return True
-
-    def latent_channels(self) -> int:
-        """Channels of the latents the autoencoder makes."""
-        return self.vae.config.latent_channels
 
     def sampling_schedule(self, steps: int, seq_len: int) -> list[float]:
         """Times from 1 to 0 for `steps` Euler steps, shifted as the family's reference pipeline shifts them."""
@@ -376,11 +383,18 @@ class FlowBackbone:
                 # each part's own scale is alpha / its rank; the file's is file_alpha / rank
                 up[row:row + rows, column:column + d.shape[0]] = u * (alpha / d.shape[0]) / (file_alpha / rank)
                 column += d.shape[0]
-            key = f"{self.file_prefix}_{module.replace('.', '_')}"
-            out[f"{key}.lora_down.weight"] = down.to(DTYPES[dtype]).contiguous()
-            out[f"{key}.lora_up.weight"] = up.to(DTYPES[dtype]).contiguous()
+            key = self.file_key(module)
+            down_name, up_name = ("lora_down", "lora_up") if self.file_style == "kohya" else ("lora_A", "lora_B")
+            out[f"{key}.{down_name}.weight"] = down.to(DTYPES[dtype]).contiguous()
+            out[f"{key}.{up_name}.weight"] = up.to(DTYPES[dtype]).contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(file_alpha))
         return out
+
+    def file_key(self, module: str) -> str:
+        """A file-layout module's name in the LoRA file."""
+        if self.file_style == "kohya":
+            return f"{self.file_prefix}_{module.replace('.', '_')}"
+        return f"{self.file_prefix}.{module}"
 
     def read_lora(self, path: str, alpha: float) -> dict[str, dict]:
         """A LoRA file for this family as {layer: {'down', 'up'}} in the transformer's names, `up` rescaled to `alpha`
@@ -394,7 +408,8 @@ class FlowBackbone:
             by_file.setdefault(module, []).append((name, row, rows))
         lookup: dict[str, list[tuple[str, int | None, int]]] = {}
         for module, parts in by_file.items():
-            lookup[f"{self.file_prefix}_{module.replace('.', '_')}"] = parts
+            lookup[f"lora_unet_{module.replace('.', '_')}"] = parts
+            lookup[self.file_key(module)] = parts
             lookup[module] = parts
         own = set(self.file_targets())
         modules: dict[str, dict[str, torch.Tensor]] = {}

@@ -23,16 +23,21 @@ from lora_trainer.errors import CheckpointError, TrainingError
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # kohya's prefix of each text encoder, by family
 TEXT_PREFIXES = {"sd1": ["lora_te"], "sd2": ["lora_te"], "sdxl": ["lora_te1", "lora_te2"]}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "Flux.1"}
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "flux1": "Flux.1", "zimage": "Z-Image",
+                "klein": "Flux.2 klein"}
 # the key prefixes of a whole single-file Stable Diffusion checkpoint (UNet, VAE, text encoders)
 BASE_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 # the width of the text conditioning a UNet's cross-attention takes, by family
 CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1"}
+# the names peers write: kohya sd-scripts (SD, Flux.1), ai-toolkit (ss_base_model_version of Z-Image and klein),
+# musubi-tuner (their modelspec.architecture); the hosts load a LoRA without reading them
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1", "zimage": "zimage",
+                "klein": "flux2_klein_4b"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                "sdxl": "stable-diffusion-xl-v1-base/lora", "flux1": "flux-1-dev/lora"}
+                "sdxl": "stable-diffusion-xl-v1-base/lora", "flux1": "flux-1-dev/lora", "zimage": "Z-Image/lora",
+                "klein": "Flux.2-klein-4b/lora"}
 
 
 def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
@@ -50,18 +55,22 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
     arch = ARCHITECTURE[family]
     if family == "sd2" and config.prediction_type == "epsilon":
         arch = "stable-diffusion-v2-512/lora"
+    version = BASE_VERSION[family]
     if family == "flux1" and meta.get("variant") == "schnell":
         arch = "flux-1-schnell/lora"
+    if family == "klein" and meta.get("variant") == "9b":
+        arch, version = "Flux.2-klein-9b/lora", "flux2_klein_9b"
     flow = {} if family in ("sd1", "sd2", "sdxl") else {
         "ss_timestep_sampling": config.timestep_sampling, "ss_discrete_flow_shift": f"{config.discrete_flow_shift:g}",
         "ss_sigmoid_scale": f"{config.sigmoid_scale:g}", "ss_weighting_scheme": config.loss_weighting,
         "ss_guidance_scale": f"{config.train_guidance:g}", "ss_model_prediction_type": "raw",
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux" if family != "zimage" else
+        "https://github.com/Tongyi-MAI/Z-Image"}
     now = meta["finished_at"]
     return {
         "ss_output_name": config.output_name,
         "ss_sd_model_name": meta["model_name"],
-        "ss_base_model_version": BASE_VERSION[family],
+        "ss_base_model_version": version,
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
         "ss_zero_terminal_snr": str(config.zero_terminal_snr == "on"),
