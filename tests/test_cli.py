@@ -245,7 +245,8 @@ def test_inspect_prints_family_rank_and_metadata(tiny_checkpoint: Path, noise_im
     assert main(["inspect", str(lora)]) == 0
 
     lines = capsys.readouterr().out.splitlines()
-    assert "family: sd_v1" in lines
+    assert "family: SD1.x (sd_v1)" in lines
+    assert any(line.startswith("format: kohya") for line in lines)
     assert "rank: 4" in lines
     assert "ss_output_name: ink" in lines
 

@@ -210,17 +210,35 @@ def lora_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
 
 
 def describe(path: str | Path) -> str:
-    """A readable summary of a LoRA file: family, rank/alpha, module counts and metadata."""
+    """A readable summary of a LoRA file: family, key format, rank/alpha, module counts and metadata."""
     tensors, metadata = read_lora_file(path)
-    modules = lora_modules(tensors)
+    if any(".lora_A." in key for key in tensors):  # peft names: <prefix>.<module>.lora_A/lora_B.weight, .alpha
+        style = "peft names (<module>.lora_A / lora_B, alpha), as ai-toolkit writes them"
+        modules: dict[str, dict] = {}
+        for key, value in tensors.items():
+            name, _, leaf = key.rpartition(".lora_") if ".lora_" in key else (key.removesuffix(".alpha"), "", "alpha")
+            part = {"A.weight": "down", "B.weight": "up", "alpha": "alpha"}.get(leaf, leaf)
+            modules.setdefault(name, {})[part] = value
+        group_of = lambda name: name.split(".")[1] if name.count(".") > 1 else name.split(".")[0]
+    else:
+        style = "kohya (lora_unet_* / lora_te*: lora_down, lora_up, alpha)"
+        modules = lora_modules(tensors)
+        group_of = lambda name: name.split("_")[1]
     ranks = sorted({int(m["down"].shape[0]) for m in modules.values() if "down" in m})
     alphas = sorted({float(m["alpha"]) for m in modules.values() if "alpha" in m})
     groups: dict[str, int] = {}
     for name in modules:
-        groups[name.split("_")[1]] = groups.get(name.split("_")[1], 0) + 1
-    family = metadata.get("ss_base_model_version") or FAMILY_NAMES.get(lora_family(tensors, metadata), "unknown")
+        groups[group_of(name)] = groups.get(group_of(name), 0) + 1
+    version = metadata.get("ss_base_model_version")
+    family = FAMILY_NAMES.get(lora_family(tensors, metadata), "unknown")
+    for key, label in BASE_VERSION.items():
+        if version and version == label:
+            family = FAMILY_NAMES[key]
+    if version in ("flux2_klein_9b",):
+        family = FAMILY_NAMES["klein"]
     dtype = next((v.dtype for k, v in tensors.items() if k.endswith(".weight")), None)
-    lines = [f"file: {Path(path).name}", f"family: {family}", f"modules: {len(modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(groups.items()))})",
+    lines = [f"file: {Path(path).name}", f"family: {family}" + (f" ({version})" if version else ""), f"format: {style}",
+             f"modules: {len(modules)} ({', '.join(f'{k}: {v}' for k, v in sorted(groups.items()))})",
              f"rank: {', '.join(map(str, ranks))}", f"alpha: {', '.join(f'{a:g}' for a in alphas)}", f"dtype: {dtype}"]
     for key in sorted(metadata):
         value = metadata[key]

@@ -1,0 +1,166 @@
+"""`bench train --family flux1|zimage|klein4b`: our trainer on a diffusion transformer of the real shapes, random
+weights, 1024 px, bf16, rank 16, batch 1: steps/s, peak memory and the share of the GPU's FLOP ideal.
+
+The model is built in GPU memory (no 35 GB of files to write and read back); the text encoders and autoencoder
+are real-sized too, so caching runs as it would, but only the training steps are timed. kohya sd-scripts' Flux
+trainer runs beside it from the peer scripts (see the README's "Performance").
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lora_trainer.bench.measure import lora_difference, synthetic_photos, wait_for_device
+
+
+def real_flux1(device: torch.device):
+    """Flux.1-dev of the real shapes (12B transformer, T5-XXL, CLIP-L, the 16-channel autoencoder), random weights."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from lora_trainer.backbones.flux import FluxBackbone
+    from lora_trainer.backbones.tiny_flow import t5_tokenizer_files
+    from lora_trainer.backbones.tokenizer import clip_tokenizer
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                                 num_attention_heads=24, joint_attention_dim=4096,
+                                                 pooled_projection_dim=768, guidance_embeds=True, in_channels=64)
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                         dropout_rate=0.0))
+            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    tame(transformer)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    folder = Path(tempfile.mkdtemp()) / "t5_tokenizer"
+    tokenizer = T5TokenizerFast.from_pretrained(str(t5_tokenizer_files(folder)))
+    t5.to("cpu")
+    clip.to("cpu")
+    return FluxBackbone(family="flux1", transformer=transformer, vae=vae, text_encoders=[clip, t5],
+                        tokenizers=[clip_tokenizer(), tokenizer], name="flux1-dev-random", variant="dev")
+
+
+def tame(model: torch.nn.Module) -> None:
+    """Weights as a trained model has them in scale (std 0.02, zero biases; norms left at 1): default random
+    initialisation over 57 blocks overflows bf16 and the loss turns NaN within a few steps."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.02)
+            elif name.endswith("bias"):
+                param.zero_()
+
+
+BUILDERS = {"flux1": real_flux1}
+
+
+def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **options) -> dict:
+    """Our trainer on `backbone`: steps/s after 5 warm steps, peak memory of the training part."""
+    from lora_trainer.config import make_config
+    from lora_trainer.train.loop import train_lora
+
+    synced: list[tuple[int, float]] = []
+
+    def on_event(event) -> None:
+        if event.kind == "progress" and event.data.get("phase") == "caching" and event.step == event.total \
+                and device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        elif event.kind == "loss" and event.step >= 5:
+            synced.append((event.step, time.perf_counter()))
+
+    config = make_config({"train_data_dir": str(data), "resolution": 1024, "batch_size": 1, "max_steps": steps + 5,
+                          "lora_rank": 16, "lora_alpha": 16, "output_dir": str(out), "save_every_n_epochs": 0,
+                          "log_every_n_steps": 5, "mixed_precision": "bf16" if device.type == "cuda" else "no",
+                          "device": "auto" if device.type == "cuda" else "cpu", "enable_buckets": False,
+                          "lora_targets": "locon", **options})
+    trained = train_lora(config, listeners=[on_event], backbone=backbone)
+    wait_for_device(device)
+    (step0, time0), (step1, time1) = synced[0], synced[-1]
+    result = {"steps_per_s": (step1 - step0) / (time1 - time0),
+              "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+              "lora_file": trained.lora_file}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def step_flops(backbone, device: torch.device) -> float:
+    """FLOPs of one training step (forward and backward through the LoRA'd transformer) at 1024 px, batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    channels, height, width = backbone.latent_shape(1024)
+    texts = backbone.run["text_cache"]
+    cond = {k: v.unsqueeze(0).to(device) for k, v in next(iter(texts.values())).items()}
+    inputs = {"noisy": torch.randn(1, channels, height, width, device=device, dtype=torch.bfloat16),
+              "sigmas": torch.full((1,), 0.5, device=device),
+              "target": torch.randn(1, channels, height, width, device=device),
+              **{f"cond_{k}": v for k, v in cond.items()}}
+    with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
+        backbone.loss(backbone.transformer, inputs).backward()
+    backbone.transformer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
+               peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False) -> dict:
+    """Our trainer, eager and captured (and with checkpointing if asked), on `family` at its real shapes."""
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                "cpu" if device == "auto" else device)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data"
+        synthetic_photos(data, 8, size=1024 if size == "real" else 64)
+        for image in data.glob("*.jpg"):
+            image.with_suffix(".txt").write_text("a photo of a sks dog in a garden", encoding="utf-8")
+
+        def fresh():
+            if size == "real":
+                return BUILDERS[family](torch_device)
+            from lora_trainer.backbones.tiny_flow import build_tiny_flux
+
+            return {"flux1": build_tiny_flux}[family](tmp / "tiny")
+
+        options = {} if size == "real" else {"resolution": 64}
+        modes = [("eager", {"cuda_graphs": "off"}), ("captured", {"cuda_graphs": "auto"})]
+        if checkpointing:
+            modes.append(("checkpointing", {"cuda_graphs": "auto", "gradient_checkpointing": True}))
+        flops = None
+        for name, mode in modes:
+            model = fresh()
+            if size != "real":
+                options["base_model"] = str(model)
+                model = None
+            rows[name] = _time(model, data, tmp / name, steps, torch_device, **options, **mode)
+            if flops is None and model is not None and torch_device.type == "cuda":
+                flops = step_flops(model, torch_device)
+            del model
+            gc.collect()
+        drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"])
+    report = {"family": family, "size": size, "device": str(torch_device), "resolution": 1024, "batch": 1,
+              "tflop_per_step": round(flops / 1e12, 2) if flops else None, "captured_vs_eager_lora_difference": drift,
+              "rows": [{"trainer": f"lora_trainer, {name}", "steps_per_s": round(r["steps_per_s"], 3),
+                        "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),
+                        "peak_allocated_gib": r["peak_allocated_gib"] and round(r["peak_allocated_gib"], 2),
+                        "percent_of_ideal": round(100 * r["steps_per_s"] * flops / (peak_tflops * 1e12), 1) if flops else None}
+                       for name, r in rows.items()]}
+    print(json.dumps(report, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
