@@ -63,7 +63,8 @@ def detect_family(keys: list[str] | set[str], source: str = "checkpoint") -> str
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         raise CheckpointError(f"{source} is a LoRA, not a base model. Put it in 'init_lora' to continue training it.")
     if has(UNET_PREFIX + "double_blocks") or has(UNET_PREFIX + "joint_blocks"):
-        raise CheckpointError(f"{source} is a Flux or SD3 model; only SD1.x, SD2.x and SDXL are supported.")
+        raise CheckpointError(f"{source} is a diffusion transformer this trainer does not train (SD3, Chroma, Flux.2 dev "
+                              "...). Supported: SD1.x, SD2.x, SDXL, Flux.1, Z-Image and Flux.2 klein.")
     if not has(UNET_PREFIX + "input_blocks"):
         raise CheckpointError(
             f"{source} has no Stable Diffusion UNet (no '{UNET_PREFIX}input_blocks.*' keys). Is it a VAE, "

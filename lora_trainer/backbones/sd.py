@@ -110,6 +110,10 @@ class DiffusionBackbone:
         """The image folder, scanned (nothing decoded yet); an init_lora of another family is refused here too."""
         if config.init_lora:
             _check_init_lora_family(config.init_lora, config.family)
+        if config.timestep_sampling not in (None, "uniform") or config.loss_weighting != "none":
+            raise ConfigError("timestep_sampling and loss_weighting are for the flow-matching families (Flux.1, Z-Image, "
+                              "klein); SD models draw timesteps uniformly and weight the loss with min_snr_gamma. "
+                              "Leave them at their defaults.")
         return scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
                             missing_caption=config.missing_caption, trigger_word=config.trigger_word, default_repeats=1)
 
