@@ -93,7 +93,8 @@ class Backbone(Protocol):
 
 # model_type -> the backbone classes that may train it, asked in this order (module:class, imported when asked)
 BACKBONES = {
-    "image": ["lora_trainer.backbones.flux:FluxBackbone", "lora_trainer.backbones.sd:DiffusionBackbone"],
+    "image": ["lora_trainer.backbones.flux:FluxBackbone", "lora_trainer.backbones.zimage:ZImageBackbone",
+              "lora_trainer.backbones.flux2:KleinBackbone", "lora_trainer.backbones.sd:DiffusionBackbone"],
     "causal_lm": ["lora_trainer.backbones.causal_lm:CausalLMBackbone"],
 }
 

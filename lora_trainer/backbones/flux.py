@@ -51,7 +51,8 @@ PARTS = [
          lambda keys: "encoder.block.0.layer.0.SelfAttention.q.weight" in keys),
     Part("vae", "the Flux autoencoder", "ae.safetensors or *flux*vae* or *ae*", ("vae.", "first_stage_model."),
          lambda keys: "decoder.conv_in.weight" in keys and "encoder.conv_out.weight" in keys
-         and "quant_conv.weight" not in keys and "encoder.down.0.block.0.conv1.weight" in keys),
+         and "quant_conv.weight" not in keys and "bn.running_mean" not in keys  # not Flux.2's 32-channel one
+         and "encoder.down.0.block.0.conv1.weight" in keys),
 ]
 
 
