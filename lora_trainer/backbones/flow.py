@@ -11,6 +11,7 @@ transformer predicts the velocity noise - x_0 at t in (0, 1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -256,7 +257,8 @@ class FlowBackbone:
     def loss(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean squared error of the predicted velocity, per example weighted if asked."""
         cond = {k.removeprefix("cond_"): v for k, v in inputs.items() if k.startswith("cond_")}
-        pred = self.predict(network, inputs["noisy"], inputs["sigmas"], cond)
+        with attention_kernels():
+            pred = self.predict(network, inputs["noisy"], inputs["sigmas"], cond)
         loss = F.mse_loss(pred.float(), inputs["target"].float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         if "weight" in inputs:
             loss = loss * inputs["weight"]
@@ -470,6 +472,18 @@ class FlowBackbone:
         add_lora(self.transformer, sorted(modules), max(ranks.values()), 1.0, 0.0, ranks)
         fill_lora(self.transformer, modules)
         self.transformer.requires_grad_(False)
+
+
+def attention_kernels():
+    """Scaled-dot-product attention without cuDNN's kernel, whose backward fails on an H200 (torch 2.11, CUDA 13)
+    at Flux's 4,608-token sequences with "mha_graph.execute ... is_good()" and an illegal memory access; flash and
+    memory-efficient attention serve the same shapes. A context, not a global switch: a host's own sampling keeps
+    its kernels."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch before 2.3 has no cuDNN attention either
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def time_shift(t: torch.Tensor, kind: str, value: float) -> torch.Tensor:
