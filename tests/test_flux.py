@@ -127,6 +127,7 @@ def test_resume_is_bit_identical(flux, dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_all_in_one_checkpoint_and_scaled_fp8_files_load(tmp_path, dataset):
     aio = build_tiny_flux(tmp_path / "aio", layout="checkpoint")
     result = train_lora(flux_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
@@ -149,6 +150,7 @@ def test_all_in_one_checkpoint_and_scaled_fp8_files_load(tmp_path, dataset):
     assert train_lora(flux_config(split, dataset, tmp_path / "run8", max_steps=1)).lora_file.is_file()
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_a_kohya_or_diffusers_flux_lora(flux, dataset, tmp_path):
     first = train_lora(flux_config(flux, dataset, tmp_path / "first", max_steps=2, save_dtype="fp32"))
     diffusers_file = tmp_path / "diffusers_format.safetensors"

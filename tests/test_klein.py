@@ -196,6 +196,7 @@ def test_real_sized_files_build_klein_4b_and_9b():
         assert encoder.layers[0].mlp.gate_proj.weight.shape == full.model.layers[0].mlp.gate_proj.weight.shape
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_is_bit_identical(klein, dataset, tmp_path):
     options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
     whole = train_lora(klein_config(klein, dataset, tmp_path / "a", **options))
@@ -208,6 +209,7 @@ def test_resume_is_bit_identical(klein, dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_our_file_or_a_diffusers_named_lora(klein, dataset, tmp_path):
     first = train_lora(klein_config(klein, dataset, tmp_path / "first", max_steps=2, sample_prompts=["a red cat"]))
     assert len(first.samples) == 1  # base klein: two steps with CFG
@@ -223,6 +225,7 @@ def test_continuing_from_our_file_or_a_diffusers_named_lora(klein, dataset, tmp_
     assert result.lora_file.is_file()
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_a_diffusers_klein_folder_trains(tmp_path, dataset):
     folder = build_tiny_klein(tmp_path / "hf", layout="diffusers", base=False)
     assert KleinBackbone.detect(klein_config(folder, dataset, tmp_path / "x")) == "klein"

@@ -280,6 +280,7 @@ def comfy_name(name: str) -> str:
     return name
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_is_bit_identical(zimage, dataset, tmp_path):
     """Batches of 2 (the dataset's two sizes) with caption dropout, mirroring and noise offset."""
     options = {"max_steps": 6, "batch_size": 2, "caption_dropout": 0.5, "flip_aug": True, "noise_offset": 0.05}
@@ -293,6 +294,7 @@ def test_resume_is_bit_identical(zimage, dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_our_lora_or_an_ai_toolkit_or_musubi_one(zimage, dataset, tmp_path):
     first = train_lora(zimage_config(zimage, dataset, tmp_path / "first", max_steps=2, learning_rate=1e-2))
     state = torch.load(next((first.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
@@ -356,6 +358,7 @@ def test_the_training_adapter_is_merged_for_training_and_kept_out_of_the_file(zi
     assert not all(torch.equal(a[k], b[k]) for k in a)  # it learned on the merged weights
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_all_in_one_checkpoints_diffusers_folders_and_diffusers_named_files_load(zimage, dataset, tmp_path):
     reference = ZImageBackbone.load(zimage_config(zimage, dataset, tmp_path / "x"), None)
     named = zimage.with_name("z_image_turbo_diffusers_names.safetensors")  # beside the split files' parts
