@@ -47,6 +47,7 @@ def test_ldm_renaming_round_trips_through_diffusers_converter():
     assert all(back[k].data_ptr() == unet_sd[k].data_ptr() for k in unet_sd)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_a_diffusers_folder_trains_like_the_single_file(tiny_checkpoints, dataset, tmp_path):
     from conftest import quick_config
 

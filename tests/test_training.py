@@ -236,6 +236,7 @@ def test_same_seed_same_lora(sd1_checkpoint, dataset, tmp_path):
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_init_lora_continues_from_ours_and_from_ldm_named_files(sd1_checkpoint, dataset, tmp_path):
     from safetensors.torch import save_file
 
@@ -299,6 +300,7 @@ def test_snr_matches_diffusers_compute_snr():
     assert torch.allclose(snr(scheduler.alphas_cumprod, t), training_utils.compute_snr(scheduler, t))
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_ctrl_c_between_accumulated_batches_resumes_exactly(sd1_checkpoint, dataset, tmp_path, monkeypatch):
     options = {"max_steps": 5, "gradient_accumulation_steps": 2, "batch_size": 1}
     whole = load_file(str(train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "a", **options)).lora_file))
@@ -343,6 +345,7 @@ def test_the_graph_ready_step_trains_the_same_lora_as_the_plain_loop(tmp_path, s
     assert [s for s, _ in results["on"][1]] == [s for s, _ in results["off"][1]]
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_the_graph_ready_step_resumes_exactly(sd1_checkpoint, dataset, tmp_path):
     """Its optimizer state and (shadow) schedule go into checkpoints and come back: stop at 3, resume, same LoRA."""
     options = {"max_steps": 7, "cuda_graphs": "on", "lr_scheduler": "cosine", "lr_warmup_steps": 2, "flip_aug": True}
@@ -474,6 +477,7 @@ def test_torch_compile_without_a_cuda_gpu_trains_uncompiled_and_says_so(sd1_chec
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_the_latent_cache_is_keyed_by_the_models_weights_not_by_a_path(sd1_checkpoint, dataset, tmp_path, caplog):
     """A host's model has no path: the cache on disk must still tell it apart from another model. The same weights
     reuse the cache; other UNet weights, or another image encoder, encode the images again."""

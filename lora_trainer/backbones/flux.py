@@ -126,8 +126,7 @@ def transformer_from_bfl(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
     mlp = sd["double_blocks.0.img_mlp.0.weight"].shape[0] if double else sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
     if hidden % HEAD_DIM:
         raise CheckpointError(f"This Flux transformer is {hidden} wide, not a multiple of {HEAD_DIM}: not a Flux.1 model.")
-    config = {"in_channels": sd["img_in.weight"].shape[1], "out_channels": sd["final_layer.linear.weight"].shape[0],
-              "num_layers": double, "num_single_layers": single, "attention_head_dim": HEAD_DIM,
+    config = {"in_channels": sd["img_in.weight"].shape[1], "num_layers": double, "num_single_layers": single, "attention_head_dim": HEAD_DIM,
               "num_attention_heads": hidden // HEAD_DIM, "joint_attention_dim": sd["txt_in.weight"].shape[1],
               "pooled_projection_dim": sd["vector_in.in_layer.weight"].shape[1],
               "guidance_embeds": "guidance_in.in_layer.weight" in keys}
@@ -147,6 +146,8 @@ def transformer_from_bfl(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
     converted["norm_out.linear.weight"] = torch.cat([scale, shift])
     shift, scale = sd["final_layer.adaLN_modulation.1.bias"].chunk(2)
     converted["norm_out.linear.bias"] = torch.cat([scale, shift])
+    if sd["final_layer.linear.weight"].shape[0] != config["in_channels"]:  # diffusers before 0.32 cannot say it
+        config["out_channels"] = sd["final_layer.linear.weight"].shape[0]
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
     missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)

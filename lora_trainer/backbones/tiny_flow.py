@@ -33,7 +33,7 @@ def t5_tokenizer_files(folder: Path) -> Path:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [(f"\u2581{w}", -2.0) for w in WORDS] + [("\u2581", -3.0)]
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'"]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",

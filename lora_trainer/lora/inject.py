@@ -19,7 +19,9 @@ def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float
     """Wrap `targets` (full module names) of a frozen `model` in LoRA layers; returns the new parameters."""
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        rank_pattern={f"^{k}$": v for k, v in (rank_pattern or {}).items()}, init_lora_weights=True)
+                        # full module names as they are: newer peft matches them as `(.*\.)?name$`, peft before 0.14 by
+                        # equality (its regex `.*\.name$` never matches a full name); anchors would break the latter
+                        rank_pattern=dict(rank_pattern or {}), init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
