@@ -96,6 +96,7 @@ def _text(page, elem_id: str):
     return page.locator(f"#{elem_id}").first
 
 
+@pytest.mark.slow  # 25 s: the default run's time budget; CI runs it with -m slow on every UI stack
 def test_fill_caption_train_and_see_the_result(app):
     from playwright.sync_api import expect, sync_playwright
 
