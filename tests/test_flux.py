@@ -199,3 +199,32 @@ def test_bad_flux_inputs_are_refused_before_anything_is_written(flux, dataset, t
     # with the tokenizer named, the same split files train
     tokenizers = flux.parents[2] / "comfy" / "text_encoders" / "t5_tokenizer"
     assert train_lora(flux_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
+
+
+def test_a_diffusers_flux_folder_loads_in_its_stored_precision_and_trains(tmp_path, dataset):
+    """A diffusers Flux folder: every component from its subfolder, the transformer kept in bf16 as stored (diffusers
+    would load a 12B transformer in fp32, 48 GB)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from lora_trainer.backbones.flux import clip_from_state, t5_from_state, vae_from_state
+    from lora_trainer.backbones.tiny_flow import t5_tokenizer_files
+    from lora_trainer.backbones.tokenizer import clip_tokenizer
+
+    parts = tiny_flux_parts()
+    folder = tmp_path / "FLUX.1-dev-tiny"
+    transformer_from_bfl(dict(parts["transformer"])).to(torch.bfloat16).save_pretrained(folder / "transformer")
+    vae_from_state(parts["ae"]).save_pretrained(folder / "vae")
+    clip_from_state(parts["clip_l"]).save_pretrained(folder / "text_encoder")
+    t5_from_state(dict(parts["t5xxl"])).save_pretrained(folder / "text_encoder_2")
+    clip_tokenizer().save_pretrained(str(folder / "tokenizer"))
+    t5_tokenizer_files(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}), encoding="utf-8")
+    config = flux_config(folder, dataset, tmp_path / "run", max_steps=1)
+    backbone = FluxBackbone.load(config, None)
+    assert backbone.transformer.dtype == torch.bfloat16 and backbone.variant == "dev"
+    assert isinstance(backbone.text_encoders[0], CLIPTextModel) and isinstance(backbone.text_encoders[1], T5EncoderModel)
+    assert FluxTransformer2DModel.from_pretrained(folder / "transformer").dtype == torch.float32  # what diffusers does
+    assert train_lora(config).lora_file.is_file()

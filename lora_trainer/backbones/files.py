@@ -186,3 +186,12 @@ def find_tokenizer(needed: str, places: list[Path], relative: list[str], marker:
 def host_roots(path: Path) -> list[Path]:
     """The ComfyUI / Forge installations a model file lies in (its folders that hold `comfy/` or `backend/`)."""
     return [p for p in Path(path).resolve().parents if (p / "comfy").is_dir() or (p / "backend" / "huggingface").is_dir()]
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype of the weights in a diffusers component folder (read from its first tensor)."""
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{folder} holds no .safetensors weights: the diffusers folder is incomplete.")
+    with safe_open(str(shards[0]), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype

@@ -32,6 +32,7 @@ from lora_trainer.backbones.files import (
     read_weights,
     safetensors_keys,
     shape_of,
+    stored_dtype,
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone
 from lora_trainer.backbones.tokenizer import clip_tokenizer
@@ -279,7 +280,8 @@ class FluxBackbone(FlowBackbone):
 
         options = {"use_safetensors": True, "local_files_only": True}
         try:
-            transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", **options)
+            transformer = FluxTransformer2DModel.from_pretrained(  # as stored: diffusers would make it fp32 (48 GB)
+                folder, subfolder="transformer", torch_dtype=stored_dtype(folder / "transformer"), **options)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **options)
             clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **options)
             t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **options)

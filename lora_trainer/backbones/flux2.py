@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lora_trainer.backbones.files import (
     Part,
@@ -40,6 +39,7 @@ from lora_trainer.backbones.files import (
     read_weights,
     safetensors_keys,
     shape_of,
+    stored_dtype,
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
 from lora_trainer.backbones.flux import NORMS  # the q/k norms are named as in Flux.1
@@ -293,15 +293,6 @@ def _check_widths(path: Path, prefix: str, found: dict) -> None:
                               f"where {path.name} takes {wanted}. Use the Flux.2 autoencoder (flux2-vae.safetensors).")
 
 
-def _stored_dtype(folder: Path) -> torch.dtype:
-    """The dtype of the weights in a diffusers component folder (read from its first tensor)."""
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{folder} holds no .safetensors weights: the diffusers folder is incomplete.")
-    with safe_open(str(shards[0]), framework="pt") as f:
-        return f.get_tensor(next(iter(f.keys()))).dtype
-
-
 def _qwen_tokenizer(folder: Path):
     """Qwen's tokenizer from a folder holding its vocab.json and merges.txt."""
     try:
@@ -363,7 +354,7 @@ class KleinBackbone(FlowBackbone):
             raise CheckpointError(f"{folder} has no text_encoder/*.safetensors: the diffusers folder is incomplete.")
         try:  # in the dtype it is stored in, as from a single file (diffusers would make it float32)
             transformer = transformer_class.from_pretrained(folder, subfolder="transformer",
-                                                            torch_dtype=_stored_dtype(folder / "transformer"), **options)
+                                                            torch_dtype=stored_dtype(folder / "transformer"), **options)
             vae = vae_class.from_pretrained(folder, subfolder="vae", **options)
             tokenizer = _qwen_tokenizer(folder / "tokenizer")
         except (OSError, ValueError) as exc:
