@@ -60,3 +60,21 @@ def quick_config(checkpoint: Path, data: Path, out: Path, **overrides):
               "lora_alpha": 4, "save_every_n_epochs": 0, "log_every_n_steps": 1, "save_dtype": "fp32"}
     values.update(overrides)
     return make_config(values)
+
+
+@pytest.fixture(scope="session")
+def one_image(tmp_path_factory) -> Path:
+    """One captioned image: a run that should drive the loss down fits it."""
+    return make_dataset(tmp_path_factory.mktemp("one") / "blob", count=1)
+
+
+def transformer_config(checkpoint: Path, data: Path, out: Path, **overrides):
+    """quick_config for the diffusion transformers (Flux.1, Z-Image, klein): rank 4, batch 1, 2-step previews."""
+    return quick_config(checkpoint, data, out, **{"lora_rank": 4, "lora_alpha": 4, "batch_size": 1, "sample_steps": 2,
+                                                  **overrides})
+
+
+def checkpoint_loras(result) -> dict[str, torch.Tensor]:
+    """The LoRA weights (peft names) in the first checkpoint a run saved."""
+    state = torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt", weights_only=True)
+    return state["loras"][0]

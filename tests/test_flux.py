@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_dataset, quick_config
+from conftest import checkpoint_loras, quick_config, transformer_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,17 +25,6 @@ def flux(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("comfy"))
 
 
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("one") / "blob", count=1)
-
-
-def flux_config(model, data, out, **overrides):
-    values = {"lora_rank": 4, "lora_alpha": 4, "batch_size": 1, "sample_steps": 2}
-    values.update(overrides)
-    return quick_config(model, data, out, **values)
-
-
 def test_the_bfl_layout_round_trips_through_the_training_layout():
     parts = tiny_flux_parts()
     model = transformer_from_bfl(dict(parts["transformer"]))
@@ -45,7 +34,7 @@ def test_the_bfl_layout_round_trips_through_the_training_layout():
 
 
 def test_flux_trains_from_comfyui_split_files_and_the_loss_falls(flux, one_image, tmp_path):
-    result = train_lora(flux_config(flux, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
+    result = train_lora(transformer_config(flux, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
                                     timestep_sampling="uniform", log_every_n_steps=10, lora_targets="locon"))
     losses = [loss for _, loss in result.losses]
     assert losses[-1] < losses[0] * 0.85, losses  # ~1.0 is the part of the velocity the noise makes unpredictable
@@ -59,14 +48,14 @@ def test_flux_trains_from_comfyui_split_files_and_the_loss_falls(flux, one_image
 
 def test_the_file_has_exactly_the_trained_effect(flux, dataset, tmp_path):
     """Fused q/k/v parts written block-diagonally: the file applied to a fresh model gives the trained outputs."""
-    result = train_lora(flux_config(flux, dataset, tmp_path / "run", max_steps=3, save_dtype="fp32",
+    result = train_lora(transformer_config(flux, dataset, tmp_path / "run", max_steps=3, save_dtype="fp32",
                                     lora_targets="locon"))
     config = result.output_dir / "config.yaml"
     assert config.is_file()
     weights = read_weights(flux)
     trained = FluxBackbone(family="flux1", transformer=transformer_from_bfl(dict(weights)), vae=None,
                            text_encoders=[], tokenizers=[], variant="dev")
-    state = torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    state = checkpoint_loras(result)
     from lora_trainer.lora.inject import add_lora, load_lora_state
 
     add_lora(trained.transformer, sorted({k.rsplit(".lora_", 1)[0] for k in state}), 4, 4.0, 0.0)
@@ -117,12 +106,12 @@ def test_diffusers_reads_every_key_of_a_real_sized_flux_lora():
 
 def test_resume_is_bit_identical(flux, dataset, tmp_path):
     options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(flux_config(flux, dataset, tmp_path / "a", **options))
+    whole = train_lora(transformer_config(flux, dataset, tmp_path / "a", **options))
     cancel = CancelToken()
     stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(flux_config(flux, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
+    first = train_lora(transformer_config(flux, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
     assert first.interrupted and first.steps == 3
-    resumed = train_lora(flux_config(flux, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    resumed = train_lora(transformer_config(flux, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
     a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -130,7 +119,7 @@ def test_resume_is_bit_identical(flux, dataset, tmp_path):
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_all_in_one_checkpoint_and_scaled_fp8_files_load(tmp_path, dataset):
     aio = build_tiny_flux(tmp_path / "aio", layout="checkpoint")
-    result = train_lora(flux_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
+    result = train_lora(transformer_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
     assert result.lora_file.is_file() and len(result.samples) == 1
     # ComfyUI's "scaled fp8": fp8 weights with a per-tensor scale beside each
     split = build_tiny_flux(tmp_path / "fp8")
@@ -147,21 +136,21 @@ def test_all_in_one_checkpoint_and_scaled_fp8_files_load(tmp_path, dataset):
     loaded = read_weights(split)
     assert loaded["img_in.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(loaded["img_in.weight"].float(), weights["img_in.weight"], rtol=0.07, atol=1e-3)
-    assert train_lora(flux_config(split, dataset, tmp_path / "run8", max_steps=1)).lora_file.is_file()
+    assert train_lora(transformer_config(split, dataset, tmp_path / "run8", max_steps=1)).lora_file.is_file()
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_a_kohya_or_diffusers_flux_lora(flux, dataset, tmp_path):
-    first = train_lora(flux_config(flux, dataset, tmp_path / "first", max_steps=2, save_dtype="fp32"))
+    first = train_lora(transformer_config(flux, dataset, tmp_path / "first", max_steps=2, save_dtype="fp32"))
     diffusers_file = tmp_path / "diffusers_format.safetensors"
     # the same LoRA in diffusers' names (peft lora_A/lora_B, transformer. prefix), as ai-toolkit writes Flux LoRAs
-    state = torch.load(next((first.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    state = checkpoint_loras(first)
     save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(diffusers_file))
     for init in (first.lora_file, diffusers_file):
-        backbone = FluxBackbone.load(flux_config(flux, dataset, tmp_path / "x"), None)
+        backbone = FluxBackbone.load(transformer_config(flux, dataset, tmp_path / "x"), None)
         modules = backbone.read_lora(str(init), alpha=4.0)
         assert "transformer_blocks.0.attn.to_q" in modules
-        result = train_lora(flux_config(flux, dataset, tmp_path / f"cont_{init.stem}", max_steps=1, init_lora=str(init)))
+        result = train_lora(transformer_config(flux, dataset, tmp_path / f"cont_{init.stem}", max_steps=1, init_lora=str(init)))
         assert result.lora_file.is_file()
 
 
@@ -171,34 +160,34 @@ def test_bad_flux_inputs_are_refused_before_anything_is_written(flux, dataset, t
     shutil.copy(flux, lonely)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"CLIP-L.*T5-XXL.*autoencoder"):
-        train_lora(flux_config(lonely, dataset, out))
+        train_lora(transformer_config(lonely, dataset, out))
     vae = flux.parents[1] / "vae" / "ae.safetensors"
     stranger = tmp_path / "umt5.safetensors"
     save_file({"encoder.layers.0.weight": torch.zeros(2)}, str(stranger))
     with pytest.raises(CheckpointError, match="umt5.safetensors is none of the parts a Flux.1 model uses"):
-        train_lora(flux_config(lonely, dataset, out, text_encoders=[str(stranger)]))
+        train_lora(transformer_config(lonely, dataset, out, text_encoders=[str(stranger)]))
     encoders = flux.parents[1] / "text_encoders"
     wide = tmp_path / "clip_g.safetensors"  # a CLIP text encoder of another width (SDXL's second one)
     clip = load_file(str(encoders / "clip_l.safetensors"))
     clip["text_model.embeddings.token_embedding.weight"] = torch.zeros(49408, 1280)
     save_file(clip, str(wide))
     with pytest.raises(CheckpointError, match="clip_g.safetensors is not the CLIP-L this Flux transformer takes"):
-        train_lora(flux_config(lonely, dataset, out, text_encoders=[str(wide), str(encoders / "t5xxl_fp16.safetensors")],
+        train_lora(transformer_config(lonely, dataset, out, text_encoders=[str(wide), str(encoders / "t5xxl_fp16.safetensors")],
                                vae=str(vae)))
     named = {"text_encoders": [str(encoders / "clip_l.safetensors"), str(encoders / "t5xxl_fp16.safetensors")],
              "vae": str(vae)}
     with pytest.raises(CheckpointError, match="T5 tokenizer was not found"):
-        train_lora(flux_config(lonely, dataset, out, **named))
+        train_lora(transformer_config(lonely, dataset, out, **named))
     truncated = tmp_path / "lonely" / "cut.safetensors"
     truncated.write_bytes(flux.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="cut.safetensors"):
-        train_lora(flux_config(truncated, dataset, out))
+        train_lora(transformer_config(truncated, dataset, out))
     with pytest.raises(ConfigError, match="shuffle_captions"):
-        train_lora(flux_config(flux, dataset, out, shuffle_captions=True))
+        train_lora(transformer_config(flux, dataset, out, shuffle_captions=True))
     assert not out.exists()
     # with the tokenizer named, the same split files train
     tokenizers = flux.parents[2] / "comfy" / "text_encoders" / "t5_tokenizer"
-    assert train_lora(flux_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
+    assert train_lora(transformer_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
 
 
 def test_a_diffusers_flux_folder_loads_in_its_stored_precision_and_trains(tmp_path, dataset):
@@ -222,7 +211,7 @@ def test_a_diffusers_flux_folder_loads_in_its_stored_precision_and_trains(tmp_pa
     clip_tokenizer().save_pretrained(str(folder / "tokenizer"))
     t5_tokenizer_files(folder / "tokenizer_2")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}), encoding="utf-8")
-    config = flux_config(folder, dataset, tmp_path / "run", max_steps=1)
+    config = transformer_config(folder, dataset, tmp_path / "run", max_steps=1)
     backbone = FluxBackbone.load(config, None)
     assert backbone.transformer.dtype == torch.bfloat16 and backbone.variant == "dev"
     assert isinstance(backbone.text_encoders[0], CLIPTextModel) and isinstance(backbone.text_encoders[1], T5EncoderModel)

@@ -14,7 +14,7 @@ import diffusers
 import pytest
 import torch
 import transformers
-from conftest import make_dataset, quick_config
+from conftest import checkpoint_loras, transformer_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -42,22 +42,6 @@ from lora_trainer.train.loop import train_lora
 def klein(tmp_path_factory):
     """A tiny klein base in ComfyUI's split layout (with Qwen's tokenizer where ComfyUI keeps it)."""
     return build_tiny_klein(tmp_path_factory.mktemp("comfy"))
-
-
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("one") / "blob", count=1)
-
-
-def klein_config(model, data, out, **overrides):
-    values = {"lora_rank": 4, "lora_alpha": 4, "batch_size": 1, "sample_steps": 2}
-    values.update(overrides)
-    return quick_config(model, data, out, **values)
-
-
-def trained_state(result) -> dict[str, torch.Tensor]:
-    """The LoRA weights of a run's checkpoint (peft names)."""
-    return torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
 
 
 def merged(weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], scale: float):
@@ -89,7 +73,7 @@ def test_previews_follow_the_pipeline_schedule_and_the_file_name_tells_base_from
 
     for seq_len, steps in ((4096, 4), (1024, 50), (5000, 4), (16, 2)):
         assert empirical_mu(seq_len, steps) == pytest.approx(compute_empirical_mu(seq_len, steps))
-    base = KleinBackbone.load(klein_config(klein, tmp_path, tmp_path / "x"), None)
+    base = KleinBackbone.load(transformer_config(klein, tmp_path, tmp_path / "x"), None)
     assert base.variant == "4b" and not base.distilled and base.uses_cfg()
     assert base.defaults() == {"sample_steps": 50, "sample_guidance_scale": 4.0}
     assert base.sampling_schedule(4, 4096)[:4] == pytest.approx([1.0, 0.9674, 0.9081, 0.7672], abs=1e-4)
@@ -99,13 +83,13 @@ def test_previews_follow_the_pipeline_schedule_and_the_file_name_tells_base_from
     named = {"text_encoders": [str(models / "text_encoders" / "qwen_3_4b.safetensors")],
              "vae": str(models / "vae" / "flux2-vae.safetensors"),
              "tokenizers": str(klein.parents[2] / "comfy" / "text_encoders" / "qwen25_tokenizer")}
-    backbone = KleinBackbone.load(klein_config(distilled, tmp_path, tmp_path / "x", **named), None)
+    backbone = KleinBackbone.load(transformer_config(distilled, tmp_path, tmp_path / "x", **named), None)
     assert backbone.distilled and not backbone.uses_cfg()
     assert backbone.defaults() == {"sample_steps": 4, "sample_guidance_scale": 1.0}
 
 
 def test_klein_trains_from_comfyui_split_files_and_the_loss_falls(klein, one_image, tmp_path):
-    result = train_lora(klein_config(klein, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
+    result = train_lora(transformer_config(klein, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
                                      timestep_sampling="uniform", log_every_n_steps=10, lora_targets="locon"))
     losses = [loss for _, loss in result.losses]
     assert losses[-1] < losses[0] * 0.85, losses  # ~1.0 is the part of the velocity the noise makes unpredictable
@@ -121,11 +105,11 @@ def test_klein_trains_from_comfyui_split_files_and_the_loss_falls(klein, one_ima
 
 def test_the_file_has_exactly_the_trained_effect(klein, dataset, tmp_path):
     """Fused q/k/v parts written block-diagonally: the file applied to a fresh model gives the trained outputs."""
-    result = train_lora(klein_config(klein, dataset, tmp_path / "run", max_steps=3, lora_targets="locon"))
+    result = train_lora(transformer_config(klein, dataset, tmp_path / "run", max_steps=3, lora_targets="locon"))
     weights = read_weights(klein)
     trained = KleinBackbone(family="klein", transformer=transformer_from_bfl(dict(weights)), vae=None,
                             text_encoders=[], tokenizers=[])
-    state = trained_state(result)
+    state = checkpoint_loras(result)
     add_lora(trained.transformer, sorted({k.rsplit(".lora_", 1)[0] for k in state}), 4, 4.0, 0.0)
     load_lora_state(trained.transformer, state)
     loaded = KleinBackbone(family="klein", transformer=transformer_from_bfl(dict(weights)), vae=None,
@@ -199,39 +183,39 @@ def test_real_sized_files_build_klein_4b_and_9b():
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_is_bit_identical(klein, dataset, tmp_path):
     options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(klein_config(klein, dataset, tmp_path / "a", **options))
+    whole = train_lora(transformer_config(klein, dataset, tmp_path / "a", **options))
     cancel = CancelToken()
     stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(klein_config(klein, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
+    first = train_lora(transformer_config(klein, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
     assert first.interrupted and first.steps == 3
-    resumed = train_lora(klein_config(klein, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    resumed = train_lora(transformer_config(klein, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
     a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_our_file_or_a_diffusers_named_lora(klein, dataset, tmp_path):
-    first = train_lora(klein_config(klein, dataset, tmp_path / "first", max_steps=2, sample_prompts=["a red cat"]))
+    first = train_lora(transformer_config(klein, dataset, tmp_path / "first", max_steps=2, sample_prompts=["a red cat"]))
     assert len(first.samples) == 1  # base klein: two steps with CFG
     with Image.open(first.samples[0]) as image:
         assert image.size == (64, 64)
     diffusers_file = tmp_path / "diffusers_format.safetensors"
-    state = trained_state(first)
+    state = checkpoint_loras(first)
     save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(diffusers_file))
-    backbone = KleinBackbone.load(klein_config(klein, dataset, tmp_path / "x"), None)
+    backbone = KleinBackbone.load(transformer_config(klein, dataset, tmp_path / "x"), None)
     ours, theirs = backbone.read_lora(str(first.lora_file), alpha=4.0), backbone.read_lora(str(diffusers_file), 4.0)
     assert "transformer_blocks.0.attn.add_k_proj" in ours and ours.keys() == theirs.keys()
-    result = train_lora(klein_config(klein, dataset, tmp_path / "more", max_steps=1, init_lora=str(first.lora_file)))
+    result = train_lora(transformer_config(klein, dataset, tmp_path / "more", max_steps=1, init_lora=str(first.lora_file)))
     assert result.lora_file.is_file()
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_a_diffusers_klein_folder_trains(tmp_path, dataset):
     folder = build_tiny_klein(tmp_path / "hf", layout="diffusers", base=False)
-    assert KleinBackbone.detect(klein_config(folder, dataset, tmp_path / "x")) == "klein"
-    result = train_lora(klein_config(folder, dataset, tmp_path / "run", max_steps=1))
+    assert KleinBackbone.detect(transformer_config(folder, dataset, tmp_path / "x")) == "klein"
+    result = train_lora(transformer_config(folder, dataset, tmp_path / "run", max_steps=1))
     assert result.lora_file.is_file()
-    assert KleinBackbone.load(klein_config(folder, dataset, tmp_path / "x"), None).distilled
+    assert KleinBackbone.load(transformer_config(folder, dataset, tmp_path / "x"), None).distilled
 
 
 def test_bad_klein_inputs_are_refused_before_anything_is_written(klein, dataset, tmp_path):
@@ -240,31 +224,31 @@ def test_bad_klein_inputs_are_refused_before_anything_is_written(klein, dataset,
     shutil.copy(klein, lonely)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"Qwen3 text encoder.*Flux.2 autoencoder"):
-        train_lora(klein_config(lonely, dataset, out))
+        train_lora(transformer_config(lonely, dataset, out))
     encoders, vae = klein.parents[1] / "text_encoders", klein.parents[1] / "vae" / "flux2-vae.safetensors"
     wide = tmp_path / "qwen_3_8b.safetensors"  # a Qwen3 of another width (klein 9B's)
     qwen = load_file(str(encoders / "qwen_3_4b.safetensors"))
     qwen["model.embed_tokens.weight"] = torch.zeros(qwen["model.embed_tokens.weight"].shape[0], 48)
     save_file(qwen, str(wide))
     with pytest.raises(CheckpointError, match="qwen_3_8b.safetensors is not the text encoder this klein transformer"):
-        train_lora(klein_config(lonely, dataset, out, text_encoders=[str(wide)], vae=str(vae)))
+        train_lora(transformer_config(lonely, dataset, out, text_encoders=[str(wide)], vae=str(vae)))
     named = {"text_encoders": [str(encoders / "qwen_3_4b.safetensors")], "vae": str(vae)}
     with pytest.raises(CheckpointError, match="Qwen tokenizer was not found"):
-        train_lora(klein_config(lonely, dataset, out, **named))
+        train_lora(transformer_config(lonely, dataset, out, **named))
     dev = tmp_path / "flux2-dev.safetensors"  # FLUX.2 [dev]: the same layout with a guidance input
     weights = load_file(str(klein))
     weights.update({"guidance_in.in_layer.weight": torch.zeros(128, 256), "guidance_in.out_layer.weight": torch.zeros(128, 128)})
     save_file(weights, str(dev))
     with pytest.raises(CheckpointError, match="flux2-dev.safetensors is FLUX.2 \\[dev\\].*only klein"):
-        train_lora(klein_config(dev, dataset, out))
+        train_lora(transformer_config(dev, dataset, out))
     (tmp_path / "dev_folder").mkdir()
     (tmp_path / "dev_folder" / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
     with pytest.raises(CheckpointError, match="dev_folder is FLUX.2 \\[dev\\]"):
-        train_lora(klein_config(tmp_path / "dev_folder", dataset, out))
+        train_lora(transformer_config(tmp_path / "dev_folder", dataset, out))
     assert not out.exists()
     # with the tokenizer named, the same split files train
     tokenizers = klein.parents[2] / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    assert train_lora(klein_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
+    assert train_lora(transformer_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
 
 
 COMFY = os.environ.get("COMFYUI_PATH")
@@ -304,7 +288,7 @@ def test_comfyui_maps_every_key_onto_its_flux2_model_with_the_trained_effect(kle
     trained transformer's (read back through diffusers' converter, independent of our layout tables)."""
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-    result = train_lora(klein_config(klein, dataset, tmp_path / "run", max_steps=2, lora_targets="locon"))
+    result = train_lora(transformer_config(klein, dataset, tmp_path / "run", max_steps=2, lora_targets="locon"))
     patched = tmp_path / "patched.safetensors"
     script = textwrap.dedent(COMFY_SCRIPT).format(comfy=COMFY, transformer=str(klein), lora=str(result.lora_file),
                                                   out=str(patched))
@@ -312,7 +296,7 @@ def test_comfyui_maps_every_key_onto_its_flux2_model_with_the_trained_effect(kle
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     weights = read_weights(klein)
-    want = merged(weights, trained_state(result), scale=1.0).state_dict()
+    want = merged(weights, checkpoint_loras(result), scale=1.0).state_dict()
     got = convert_flux2_transformer_checkpoint_to_diffusers(load_file(str(patched)))
     assert got.keys() == want.keys()
     assert not torch.equal(want["single_stream_modulation.linear.weight"],

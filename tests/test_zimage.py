@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_dataset, quick_config
+from conftest import checkpoint_loras, make_dataset, transformer_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -50,17 +50,6 @@ pytestmark = pytest.mark.skipif(not _has_zimage(), reason="Z-Image needs diffuse
 def zimage(tmp_path_factory):
     """A tiny Z-Image-Turbo in ComfyUI's split layout (with Qwen's tokenizer where ComfyUI keeps it)."""
     return build_tiny_zimage(tmp_path_factory.mktemp("comfy"))
-
-
-@pytest.fixture(scope="module")
-def one_image(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("one") / "blob", count=1)
-
-
-def zimage_config(model, data, out, **overrides):
-    values = {"lora_rank": 4, "lora_alpha": 4, "batch_size": 1, "sample_steps": 2}
-    values.update(overrides)
-    return quick_config(model, data, out, **values)
 
 
 def bare(transformer) -> ZImageBackbone:
@@ -114,7 +103,7 @@ def test_turbo_and_base_are_told_apart_by_the_file_name():
 
 
 def test_zimage_trains_from_comfyui_split_files_and_the_loss_falls(zimage, one_image, tmp_path):
-    result = train_lora(zimage_config(zimage, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
+    result = train_lora(transformer_config(zimage, one_image, tmp_path / "run", max_steps=40, learning_rate=1e-2,
                                       timestep_sampling="uniform", log_every_n_steps=10, lora_targets="locon",
                                       sample_prompts=["a photo of a cat"]))
     losses = [loss for _, loss in result.losses]
@@ -130,10 +119,10 @@ def test_zimage_trains_from_comfyui_split_files_and_the_loss_falls(zimage, one_i
 
 
 def test_the_file_has_exactly_the_trained_effect(zimage, dataset, tmp_path):
-    result = train_lora(zimage_config(zimage, dataset, tmp_path / "run", max_steps=3, lora_targets="locon",
+    result = train_lora(transformer_config(zimage, dataset, tmp_path / "run", max_steps=3, lora_targets="locon",
                                       learning_rate=1e-2))
     weights = read_weights(zimage)
-    state = torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    state = checkpoint_loras(result)
     trained = bare(transformer_from_file(dict(weights)))
     add_lora(trained.transformer, sorted({k.rsplit(".lora_", 1)[0] for k in state}), 4, 4.0, 0.0)
     load_lora_state(trained.transformer, state)
@@ -154,7 +143,7 @@ def test_the_file_has_exactly_the_trained_effect(zimage, dataset, tmp_path):
 def test_captions_of_any_length_share_a_batch_with_the_transformers_own_outputs(zimage, tmp_path):
     """Captions padded to one length (the empty one of caption dropout, one over 32 tokens) give, in one batch of
     fixed shapes, what the transformer gives each caption alone; Qwen3's states are its hidden_states[-2]."""
-    backbone = ZImageBackbone.load(zimage_config(zimage, tmp_path, tmp_path / "out"), None)
+    backbone = ZImageBackbone.load(transformer_config(zimage, tmp_path, tmp_path / "out"), None)
     backbone.caption_room = 96
     prompts = ["a photo of a cat " * 10, "", "zkblob"]
     encoded = backbone.encode_prompts(prompts)
@@ -179,7 +168,7 @@ def test_long_sample_prompts_leave_the_training_captions_short(zimage, tmp_path)
     """Captions are cached at the longest caption's length (a multiple of 32), also those encoded beside a longer
     sample prompt (texts are encoded 8 at a time): training batches keep one short shape."""
     data = make_dataset(tmp_path / "many", count=10)
-    config = zimage_config(zimage, data, tmp_path / "run", max_steps=2, batch_size=2,
+    config = transformer_config(zimage, data, tmp_path / "run", max_steps=2, batch_size=2,
                            sample_prompts=["a photo of a cat " * 12])
     backbone = ZImageBackbone.load(config, None)
     result = train_lora(config, backbone=backbone)
@@ -284,20 +273,20 @@ def comfy_name(name: str) -> str:
 def test_resume_is_bit_identical(zimage, dataset, tmp_path):
     """Batches of 2 (the dataset's two sizes) with caption dropout, mirroring and noise offset."""
     options = {"max_steps": 6, "batch_size": 2, "caption_dropout": 0.5, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(zimage_config(zimage, dataset, tmp_path / "a", **options))
+    whole = train_lora(transformer_config(zimage, dataset, tmp_path / "a", **options))
     cancel = CancelToken()
     stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(zimage_config(zimage, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
+    first = train_lora(transformer_config(zimage, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
     assert first.interrupted and first.steps == 3
-    resumed = train_lora(zimage_config(zimage, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
+    resumed = train_lora(transformer_config(zimage, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
     a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_continuing_from_our_lora_or_an_ai_toolkit_or_musubi_one(zimage, dataset, tmp_path):
-    first = train_lora(zimage_config(zimage, dataset, tmp_path / "first", max_steps=2, learning_rate=1e-2))
-    state = torch.load(next((first.output_dir / "checkpoints").glob("step-*")) / "state.pt")["loras"][0]
+    first = train_lora(transformer_config(zimage, dataset, tmp_path / "first", max_steps=2, learning_rate=1e-2))
+    state = checkpoint_loras(first)
     ai_toolkit = tmp_path / "ai_toolkit.safetensors"  # diffusion_model.<diffusers name>.lora_A/B, no alpha
     save_file({f"diffusion_model.{k}": v.contiguous() for k, v in state.items()}, str(ai_toolkit))
     musubi = tmp_path / "musubi.safetensors"  # kohya names of diffusers' modules, alpha 2 of rank 4
@@ -309,7 +298,7 @@ def test_continuing_from_our_lora_or_an_ai_toolkit_or_musubi_one(zimage, dataset
             value.contiguous() if part.startswith("A") else (value * 2).contiguous()
         tensors[f"{module}.alpha"] = torch.tensor(2.0)
     save_file(tensors, str(musubi))
-    backbone = ZImageBackbone.load(zimage_config(zimage, dataset, tmp_path / "x"), None)
+    backbone = ZImageBackbone.load(transformer_config(zimage, dataset, tmp_path / "x"), None)
     for init in (first.lora_file, ai_toolkit, musubi):
         modules = backbone.read_lora(str(init), alpha=4.0)
         assert len(modules) == len(state) // 2
@@ -317,7 +306,7 @@ def test_continuing_from_our_lora_or_an_ai_toolkit_or_musubi_one(zimage, dataset
             torch.testing.assert_close(parts["down"], state[f"{name}.lora_A.weight"])
             torch.testing.assert_close(parts["up"], state[f"{name}.lora_B.weight"])
     for init in (first.lora_file, ai_toolkit):
-        result = train_lora(zimage_config(zimage, dataset, tmp_path / f"cont_{init.stem}", max_steps=1,
+        result = train_lora(transformer_config(zimage, dataset, tmp_path / f"cont_{init.stem}", max_steps=1,
                                           init_lora=str(init)))
         assert result.lora_file.is_file()
 
@@ -333,10 +322,10 @@ def test_the_training_adapter_is_merged_for_training_and_kept_out_of_the_file(zi
         adapter[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(rows, 2) * 0.2
     adapter_file = tmp_path / "zimage_turbo_training_adapter_v2.safetensors"
     save_file(adapter, str(adapter_file))
-    config = zimage_config(zimage, dataset, tmp_path / "with", max_steps=2, sample_prompts=["a cat"],
+    config = transformer_config(zimage, dataset, tmp_path / "with", max_steps=2, sample_prompts=["a cat"],
                            training_adapter=str(adapter_file))
     merged = ZImageBackbone.load(config, None)
-    plain = ZImageBackbone.load(zimage_config(zimage, dataset, tmp_path / "without", max_steps=2), None)
+    plain = ZImageBackbone.load(transformer_config(zimage, dataset, tmp_path / "without", max_steps=2), None)
     for name in ("layers.0.attention.to_q", "layers.1.feed_forward.w1", "layers.0.adaLN_modulation.0"):
         update = adapter[f"diffusion_model.{name}.lora_B.weight"] @ adapter[f"diffusion_model.{name}.lora_A.weight"]
         torch.testing.assert_close(merged.transformer.get_submodule(name).weight,
@@ -350,7 +339,7 @@ def test_the_training_adapter_is_merged_for_training_and_kept_out_of_the_file(zi
         with merged.adapter_removed():
             torch.testing.assert_close(merged.predict(merged.transformer, x, t, cond), want, rtol=1e-4, atol=1e-5)
     with_adapter = train_lora(config, backbone=merged)
-    without = train_lora(zimage_config(zimage, dataset, tmp_path / "without", max_steps=2), backbone=plain)
+    without = train_lora(transformer_config(zimage, dataset, tmp_path / "without", max_steps=2), backbone=plain)
     assert len(with_adapter.samples) == 1
     a, b = load_file(str(with_adapter.lora_file)), load_file(str(without.lora_file))
     assert a.keys() == b.keys()  # the LoRA's own layers only: no adaLN_modulation from the adapter
@@ -360,14 +349,14 @@ def test_the_training_adapter_is_merged_for_training_and_kept_out_of_the_file(zi
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_all_in_one_checkpoints_diffusers_folders_and_diffusers_named_files_load(zimage, dataset, tmp_path):
-    reference = ZImageBackbone.load(zimage_config(zimage, dataset, tmp_path / "x"), None)
+    reference = ZImageBackbone.load(transformer_config(zimage, dataset, tmp_path / "x"), None)
     named = zimage.with_name("z_image_turbo_diffusers_names.safetensors")  # beside the split files' parts
     save_file({k: v.clone() for k, v in reference.transformer.state_dict().items()}, str(named))
     aio = build_tiny_zimage(tmp_path / "aio", layout="checkpoint")
     folder = build_tiny_zimage(tmp_path / "hf", layout="diffusers")
     try:
         for model in (aio, folder, named):
-            config = zimage_config(model, dataset, tmp_path / "x")
+            config = transformer_config(model, dataset, tmp_path / "x")
             assert ZImageBackbone.detect(config) == "zimage"
             backbone = ZImageBackbone.load(config, None)
             assert backbone.variant == "turbo"
@@ -377,7 +366,7 @@ def test_all_in_one_checkpoints_diffusers_folders_and_diffusers_named_files_load
                 assert all(torch.equal(own[k], v) for k, v in theirs.state_dict().items()), model
     finally:
         named.unlink()
-    result = train_lora(zimage_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
+    result = train_lora(transformer_config(aio, dataset, tmp_path / "run", max_steps=1, sample_prompts=["a cat"]))
     assert result.lora_file.is_file() and len(result.samples) == 1
 
 
@@ -387,28 +376,28 @@ def test_bad_zimage_inputs_are_refused_before_anything_is_written(zimage, datase
     shutil.copy(zimage, lonely)
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"Qwen3-4B.*autoencoder"):
-        train_lora(zimage_config(lonely, dataset, out))
+        train_lora(transformer_config(lonely, dataset, out))
     vae = zimage.parents[1] / "vae" / "ae.safetensors"
     stranger = tmp_path / "umt5.safetensors"
     save_file({"encoder.layers.0.weight": torch.zeros(2)}, str(stranger))
     with pytest.raises(CheckpointError, match="umt5.safetensors is none of the parts a Z-Image model uses"):
-        train_lora(zimage_config(lonely, dataset, out, text_encoders=[str(stranger)]))
+        train_lora(transformer_config(lonely, dataset, out, text_encoders=[str(stranger)]))
     wide = tmp_path / "qwen_3_8b.safetensors"  # a Qwen3 of another width (klein 9B's)
     save_file({f"model.{k}": v.contiguous() for k, v in tiny_qwen3(width=96).state_dict().items()}, str(wide))
     with pytest.raises(CheckpointError, match="qwen_3_8b.safetensors is not the text encoder this Z-Image"):
-        train_lora(zimage_config(lonely, dataset, out, text_encoders=[str(wide)], vae=str(vae)))
+        train_lora(transformer_config(lonely, dataset, out, text_encoders=[str(wide)], vae=str(vae)))
     named = {"text_encoders": [str(zimage.parents[1] / "text_encoders" / "qwen_3_4b.safetensors")], "vae": str(vae)}
     with pytest.raises(CheckpointError, match="Qwen tokenizer was not found"):
-        train_lora(zimage_config(lonely, dataset, out, **named))
+        train_lora(transformer_config(lonely, dataset, out, **named))
     truncated = tmp_path / "lonely" / "cut.safetensors"
     truncated.write_bytes(zimage.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="cut.safetensors"):
-        train_lora(zimage_config(truncated, dataset, out))
+        train_lora(transformer_config(truncated, dataset, out))
     with pytest.raises(ConfigError, match="shuffle_captions"):
-        train_lora(zimage_config(zimage, dataset, out, shuffle_captions=True))
+        train_lora(transformer_config(zimage, dataset, out, shuffle_captions=True))
     with pytest.raises(CheckpointError, match="missing_adapter.safetensors does not exist"):
-        train_lora(zimage_config(zimage, dataset, out, training_adapter=str(tmp_path / "missing_adapter.safetensors")))
+        train_lora(transformer_config(zimage, dataset, out, training_adapter=str(tmp_path / "missing_adapter.safetensors")))
     assert not out.exists()
     # with the tokenizer named, the same split files train
     tokenizers = zimage.parents[2] / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    assert train_lora(zimage_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file
+    assert train_lora(transformer_config(lonely, dataset, out, tokenizers=str(tokenizers), max_steps=1, **named)).lora_file

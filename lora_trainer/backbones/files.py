@@ -195,3 +195,9 @@ def stored_dtype(folder: Path) -> torch.dtype:
         raise CheckpointError(f"{folder} holds no .safetensors weights: the diffusers folder is incomplete.")
     with safe_open(str(shards[0]), framework="pt") as f:
         return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+def block_count(keys, block: str) -> int:
+    """How many numbered blocks (`block.N.`) the keys hold (`block` may be dotted: `encoder.down.0.block`)."""
+    ids = {int(k.split(".")[block.count(".") + 1]) for k in keys if k.startswith(f"{block}.")}
+    return max(ids) + 1 if ids else 0

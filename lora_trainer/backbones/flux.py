@@ -26,6 +26,7 @@ from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFas
 from lora_trainer.backbones import ldm
 from lora_trainer.backbones.files import (
     Part,
+    block_count,
     find_parts,
     find_tokenizer,
     host_roots,
@@ -113,17 +114,12 @@ NORMS = {  # per block: diffusers RMSNorm weight -> BFL scale
 }
 
 
-def _count(keys: set[str], block: str) -> int:
-    ids = {int(k.split(".")[1]) for k in keys if k.startswith(f"{block}.")}
-    return max(ids) + 1 if ids else 0
-
-
 def transformer_from_bfl(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
     """diffusers' Flux transformer from BFL-layout weights (prefix removed), config read from the shapes; the
     weights are moved, not copied (built on the meta device, loaded with assign)."""
     keys = set(sd)
     hidden = sd["img_in.weight"].shape[0]
-    double, single = _count(keys, "double_blocks"), _count(keys, "single_blocks")
+    double, single = block_count(keys, "double_blocks"), block_count(keys, "single_blocks")
     mlp = sd["double_blocks.0.img_mlp.0.weight"].shape[0] if double else sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
     if hidden % HEAD_DIM:
         raise CheckpointError(f"This Flux transformer is {hidden} wide, not a multiple of {HEAD_DIM}: not a Flux.1 model.")

@@ -33,6 +33,7 @@ import torch
 
 from lora_trainer.backbones.files import (
     Part,
+    block_count,
     find_parts,
     find_tokenizer,
     host_roots,
@@ -43,6 +44,7 @@ from lora_trainer.backbones.files import (
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
 from lora_trainer.backbones.flux import NORMS  # the q/k norms are named as in Flux.1
+from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import CheckpointError
 
@@ -118,12 +120,6 @@ OUTER = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "fina
          "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer"}
 
 
-def _count(keys, block: str) -> int:
-    """How many numbered blocks (`block.N.`) the keys hold."""
-    ids = {int(k.split(".")[block.count(".") + 1]) for k in keys if k.startswith(f"{block}.")}
-    return max(ids) + 1 if ids else 0
-
-
 def _flux2_classes():
     """diffusers' Flux.2 transformer and autoencoder classes, or the version to install."""
     try:
@@ -140,7 +136,7 @@ def transformer_from_bfl(sd: dict[str, torch.Tensor]):
     transformer_class, _ = _flux2_classes()
     keys = set(sd)
     hidden = sd["img_in.weight"].shape[0]
-    double, single = _count(keys, "double_blocks"), _count(keys, "single_blocks")
+    double, single = block_count(keys, "double_blocks"), block_count(keys, "single_blocks")
     mlp = sd["double_blocks.0.img_mlp.2.weight"].shape[1] if double else \
         sd["single_blocks.0.linear2.weight"].shape[1] - hidden
     if hidden % HEAD_DIM:
@@ -196,37 +192,15 @@ def bfl_from_transformer(model) -> dict[str, torch.Tensor]:
 
 
 def qwen3_from_state(sd: dict[str, torch.Tensor]):
-    """The Qwen3 text encoder from its HF-named weights (`model.layers.N...`), config read from the shapes. Only
-    the layers up to the last one klein reads are built (27 of Qwen3-4B's 36), without the final norm: the states
-    are read before it, and the rest would only take memory."""
-    try:
-        from accelerate import init_empty_weights
-        from transformers import Qwen3Config, Qwen3Model
-    except ImportError:
-        raise CheckpointError(QWEN_NEEDS) from None
-    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("lm_head.")}
-    layers = _count(sd, "layers")
+    """The Qwen3 text encoder from its HF-named weights, config read from the shapes. Only the layers up to the last
+    one klein reads are built (27 of Qwen3-4B's 36), without the final norm: the states are read before it, and the
+    rest would only take memory."""
+    sd = qwen3_weights(sd)
+    layers = qwen3_layers(sd)
     if layers < TEXT_LAYERS[-1]:
         raise CheckpointError(f"The Qwen3 text encoder has {layers} layers; klein reads layer {TEXT_LAYERS[-1]}. "
                               "Use the model's own Qwen3-4B (klein 4B) or Qwen3-8B (klein 9B) file.")
-    head_dim = sd["layers.0.self_attn.q_norm.weight"].shape[0]
-    vocab, hidden = sd["embed_tokens.weight"].shape
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden,
-                         intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0],
-                         num_hidden_layers=TEXT_LAYERS[-1], head_dim=head_dim,
-                         num_attention_heads=sd["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
-                         num_key_value_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
-                         rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960,
-                         tie_word_embeddings=False, use_cache=False)
-    with init_empty_weights():  # parameters on the meta device; the rotary buffers are computed for real
-        model = Qwen3Model(config)
-    model.norm = torch.nn.Identity()
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise CheckpointError(f"The Qwen3 text encoder is missing weights: {missing[:4]}.")
-    model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
-    return model.eval()
+    return qwen3_encoder(sd, TEXT_LAYERS[-1], QWEN_NEEDS)
 
 
 def vae_from_state(sd: dict[str, torch.Tensor]):
@@ -241,12 +215,12 @@ def vae_from_state(sd: dict[str, torch.Tensor]):
             if key.startswith(old):
                 key = new + key[len(old):]
         renamed[key] = value
-    levels = _count(renamed, "encoder.down")
+    levels = block_count(renamed, "encoder.down")
     config = {"in_channels": renamed["encoder.conv_in.weight"].shape[1],
               "out_channels": renamed["decoder.conv_out.weight"].shape[0],
               "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
               "block_out_channels": [renamed[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)],
-              "layers_per_block": _count(renamed, "encoder.down.0.block"),
+              "layers_per_block": block_count(renamed, "encoder.down.0.block"),
               "latent_channels": renamed["decoder.conv_in.weight"].shape[1],
               "use_quant_conv": "quant_conv.weight" in renamed, "use_post_quant_conv": "post_quant_conv.weight" in renamed}
     vae = vae_class(**config)
@@ -281,7 +255,7 @@ def _check_widths(path: Path, prefix: str, found: dict) -> None:
             f"{where.path.name} is not the text encoder this klein transformer takes: its Qwen3 states are {width} wide "
             f"({3 * width} for the three layers klein reads) where {path.name} needs {wanted}. klein 4B takes "
             "Qwen3-4B (qwen_3_4b.safetensors), klein 9B Qwen3-8B (qwen_3_8b.safetensors).")
-    layers = _count([k.removeprefix(where.prefix + "model.") for k in safetensors_keys(where.path)], "layers")
+    layers = block_count([k.removeprefix(where.prefix + "model.") for k in safetensors_keys(where.path)], "layers")
     if layers < TEXT_LAYERS[-1]:
         raise CheckpointError(f"{where.path.name} has {layers} layers; klein reads the states entering layer "
                               f"{TEXT_LAYERS[-1]}. Use the model's own Qwen3 text encoder file.")

@@ -44,6 +44,7 @@ from lora_trainer.backbones import flux
 from lora_trainer.backbones.files import (
     Found,
     Part,
+    block_count,
     find_parts,
     find_tokenizer,
     host_roots,
@@ -52,6 +53,7 @@ from lora_trainer.backbones.files import (
     shape_of,
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
+from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import CheckpointError
 
@@ -81,6 +83,9 @@ QWEN3 = Part("text_encoder", "Qwen3-4B", "qwen_3_4b* or *qwen3*4b* or *qwen*", (
 PARTS = [QWEN3, next(part for part in flux.PARTS if part.role == "vae")]
 
 
+ZIMAGE_NEEDS = "Z-Image needs diffusers 0.36 or newer and transformers 4.51 or newer: pip install -U diffusers transformers."
+
+
 def zimage_classes() -> tuple[type, type, type]:
     """diffusers' ZImageTransformer2DModel and transformers' Qwen3Config and Qwen3Model, or a clear error where the
     installed libraries are older than Z-Image (imported when asked: other families train on older ones)."""
@@ -88,8 +93,7 @@ def zimage_classes() -> tuple[type, type, type]:
         from diffusers import ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
     except ImportError:
-        raise CheckpointError("Z-Image needs diffusers 0.36 or newer and transformers 4.51 or newer: "
-                              "pip install -U diffusers transformers.") from None
+        raise CheckpointError(ZIMAGE_NEEDS) from None
     return ZImageTransformer2DModel, Qwen3Config, Qwen3Model
 
 
@@ -103,11 +107,6 @@ def transformer_layout(keys: list[str] | set[str]) -> tuple[str, str] | None:
     return None
 
 
-def _count(keys, block: str) -> int:
-    ids = {int(k.split(".")[1]) for k in keys if k.startswith(f"{block}.")}
-    return max(ids) + 1 if ids else 0
-
-
 def transformer_config(sd: dict[str, torch.Tensor]) -> dict:
     """`ZImageTransformer2DModel`'s arguments read from its weights (diffusers' names). The rotary axes split each
     head as the released model does (32 + 48 + 48 of 128); theta, time scale and table sizes are the release's."""
@@ -117,7 +116,7 @@ def transformer_config(sd: dict[str, torch.Tensor]) -> dict:
         raise CheckpointError(f"This Z-Image transformer has {head_dim}-wide heads in a {dim}-wide model; Z-Image's "
                               "heads are 128 wide. Is it another model?")
     return {"all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": sd["all_x_embedder.2-1.weight"].shape[1] // 4,
-            "dim": dim, "n_layers": _count(sd, "layers"), "n_refiner_layers": _count(sd, "noise_refiner"),
+            "dim": dim, "n_layers": block_count(sd, "layers"), "n_refiner_layers": block_count(sd, "noise_refiner"),
             "n_heads": dim // head_dim, "n_kv_heads": dim // head_dim, "norm_eps": 1e-5, "qk_norm": True,
             "cap_feat_dim": cap_feat_dim, "rope_theta": 256.0, "t_scale": 1000.0,
             "axes_dims": [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8], "axes_lens": AXES_LENS}
@@ -181,30 +180,11 @@ def names(config) -> dict[str, FileTarget]:
 
 
 def qwen3_from_state(sd: dict[str, torch.Tensor]):
-    """Qwen3 (Qwen3-4B for Z-Image) from its HF-named weights (`model.layers.N...`), config read from the shapes.
-    Z-Image reads `hidden_states[-2]`, the output of the next-to-last layer: the last layer is not built and the
-    final norm is an identity, so the model's `last_hidden_state` is exactly those states."""
-    from accelerate import init_empty_weights
-
-    _, Qwen3Config, Qwen3Model = zimage_classes()
-    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("lm_head.")}
-    layers = _count(sd, "layers")
-    head_dim = sd["layers.0.self_attn.q_norm.weight"].shape[0]
-    vocab, hidden = sd["embed_tokens.weight"].shape
-    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=sd["layers.0.mlp.gate_proj.weight"].shape[0],
-                         num_hidden_layers=layers - 1, head_dim=head_dim,
-                         num_attention_heads=sd["layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
-                         num_key_value_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
-                         rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960, attention_dropout=0.0, use_cache=False)
-    with init_empty_weights():  # parameters on the meta device; the rotary buffers are computed for real
-        model = Qwen3Model(config)
-    model.norm = torch.nn.Identity()
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise CheckpointError(f"The Qwen3 text encoder is missing weights: {missing[:4]}.")
-    model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
-    return model.eval()
+    """Qwen3 (Qwen3-4B for Z-Image) from its HF-named weights, config read from the shapes. Z-Image reads
+    `hidden_states[-2]`, the output of the next-to-last layer: the last layer is not built and the final norm is an
+    identity, so the model's `last_hidden_state` is exactly those states."""
+    sd = qwen3_weights(sd)
+    return qwen3_encoder(sd, qwen3_layers(sd) - 1, ZIMAGE_NEEDS)
 
 
 def tokenizer_from(folder: Path):
