@@ -127,6 +127,19 @@ def test_bad_choice_lists_the_choices() -> None:
         make_config({"optimizer": "sgd"})
 
 
+def test_a_bare_on_or_off_in_yaml_is_the_choice_not_a_boolean(tmp_path: Path) -> None:
+    """YAML reads `on`, `off`, `true` and `false` as booleans; for the auto/on/off keys they mean on and off
+    (`torch_compile: true` is how the key was written when it was a switch)."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("cuda_graphs: on\nzero_terminal_snr: off\ntorch_compile: true\n", encoding="utf-8")
+
+    config = load_config(config_file, ["torch_compile=false"])
+
+    assert (config.cuda_graphs, config.zero_terminal_snr, config.torch_compile) == ("on", "off", "off")
+    with pytest.raises(ConfigError, match="'prediction_type' must be text"):
+        make_config({"prediction_type": True})  # no on/off among its choices: still refused
+
+
 def test_bad_override_on_command_line_is_a_config_error(tmp_path: Path) -> None:
     config_file = tmp_path / "run.yaml"
     config_file.write_text("lora_rank: 8\n", encoding="utf-8")

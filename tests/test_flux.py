@@ -217,3 +217,62 @@ def test_a_diffusers_flux_folder_loads_in_its_stored_precision_and_trains(tmp_pa
     assert isinstance(backbone.text_encoders[0], CLIPTextModel) and isinstance(backbone.text_encoders[1], T5EncoderModel)
     assert FluxTransformer2DModel.from_pretrained(folder / "transformer").dtype == torch.float32  # what diffusers does
     assert train_lora(config).lora_file.is_file()
+
+
+def _compile_case(flux, dataset, tmp_path):
+    """A tiny Flux with LoRA layers on every linear layer of its blocks, the inputs of a step, and a step's loss."""
+    from lora_trainer.lora.inject import add_lora
+
+    backbone = FluxBackbone(family="flux1", transformer=transformer_from_bfl(dict(read_weights(flux))), vae=None,
+                            text_encoders=[], tokenizers=[], variant="dev")
+    backbone.run["config"] = quick_config(flux, dataset, tmp_path)
+    targets = backbone.lora_targets("locon")
+    params = add_lora(backbone.transformer, targets, 4, 4.0, 0.0)
+    torch.manual_seed(0)
+    for param in params:
+        param.data.normal_(0, 0.1)  # B starts at zero: give the LoRA an effect
+    inputs = {"noisy": torch.randn(1, 16, 8, 8), "sigmas": torch.tensor([0.4]), "target": torch.randn(1, 16, 8, 8),
+              "cond_t5": torch.randn(1, 5, 64), "cond_pooled": torch.randn(1, 64)}
+
+    def step(network):
+        for param in params:
+            param.grad = None
+        loss = backbone.loss(network, inputs)
+        loss.backward()
+        return loss.detach(), [param.grad.clone() for param in params]
+
+    return backbone, step
+
+
+def test_torch_compile_compiles_the_repeated_blocks_in_place_and_previews_run_them_plain(flux, dataset, tmp_path):
+    """Regional compilation: the transformer stays the module the step runs, each of its blocks is compiled, and
+    under `uncompiled` (previews) nothing is compiled and the outputs are the plain model's."""
+    import torch._dynamo
+
+    backbone, step = _compile_case(flux, dataset, tmp_path)
+    plain_loss, plain_grads = step(backbone.transformer)
+    network = backbone.compiled(backbone.transformer)
+    assert network is backbone.transformer
+    blocks = [m for m in network.modules() if type(m).__name__ in network._repeated_blocks]
+    assert len(blocks) == 2 and all(block._compiled_call_impl is not None for block in blocks)
+    torch._dynamo.reset()
+    with backbone.uncompiled():
+        loss, grads = step(network)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing was compiled
+    assert torch.equal(loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
+@pytest.mark.slow  # compiles two blocks with inductor on the CPU (~1 min on 2 cores); CI runs it with -m slow
+def test_compiled_blocks_train_as_the_plain_ones(flux, dataset, tmp_path):
+    """The compiled blocks (inductor's kernels, here its CPU code) give the plain model's loss and LoRA gradients."""
+    import torch._dynamo
+
+    backbone, step = _compile_case(flux, dataset, tmp_path)
+    plain_loss, plain_grads = step(backbone.transformer)
+    torch._dynamo.reset()
+    network = backbone.compiled(backbone.transformer)
+    loss, grads = step(network)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the double and the single block
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -31,6 +31,7 @@ class Backbone(Protocol):
     family: str  # the preset's key in config.PRESETS: "sd1", "sd2", "sdxl", "causal_lm"
     name: str  # the base model's name, for the LoRA's metadata
     can_compile: bool  # whether torch_compile applies to `network()`
+    compile_pays_after: int  # steps per image shape after which compiling has paid for itself ('auto' compiles)
 
     @classmethod
     def detect(cls, config: TrainConfig) -> str | None:
@@ -56,6 +57,9 @@ class Backbone(Protocol):
 
     def trained_modules(self) -> list[torch.nn.Module]:
         """The modules holding LoRA layers; the first is the network `loss` runs."""
+
+    def compiled(self, network: torch.nn.Module) -> torch.nn.Module:
+        """`network` (the first of `trained_modules`) through torch.compile, for the training step only."""
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Why this run's step cannot be captured as a CUDA graph, beyond the loop's own reasons."""

@@ -173,6 +173,7 @@ class CausalLMBackbone:
     run: dict = field(default_factory=dict, repr=False)
     model_type = "causal_lm"
     can_compile = False  # not measured for language models: torch_compile is ignored with a warning
+    compile_pays_after = 0
 
     @classmethod
     def detect(cls, config: TrainConfig) -> str | None:

@@ -51,6 +51,9 @@ class FlowBackbone:
     variant: str = ""  # "dev", "schnell", "turbo", "base", "4b", "9b": what the family's defaults follow
     model_type = "image"
     can_compile = True
+    # steps per image shape after which compiling has paid for itself; H200, Flux.1-dev 1024 px: 48 s to compile,
+    # 0.155 s saved a step (1.68 -> 2.28 steps/s); a slower GPU saves more a step and pays back sooner
+    compile_pays_after = 300
     # how the LoRA file names a module: "kohya" (lora_unet_<module with _>.lora_down/lora_up/alpha) or "peft"
     # (<file_prefix>.<module>.lora_A/lora_B/alpha, as ai-toolkit writes and ComfyUI reads for some families)
     file_style = "kohya"
@@ -203,6 +206,26 @@ class FlowBackbone:
         """The transformer."""
         return [self.transformer]
 
+    def compiled(self, network: torch.nn.Module) -> torch.nn.Module:
+        """Regional compilation: each of the transformer's repeated blocks (diffusers' `_repeated_blocks`) compiled in
+        place, one graph serving every block of a kind. On the H200 a Flux.1 step ran 1.45x faster so, and compiling
+        took about a minute where the whole 57-block model takes many. Previews run the blocks uncompiled (`render`):
+        their shapes and no-grad mode would each cost a compile."""
+        kinds = set(getattr(network, "_repeated_blocks", ()))
+        blocks = [module for module in network.modules() if type(module).__name__ in kinds]
+        if not blocks:
+            return torch.compile(network)
+        for block in blocks:
+            block.compile()
+        self.run["compiled_blocks"] = blocks
+        return network
+
+    def uncompiled(self):
+        """A context in which the compiled blocks run as plain modules (torch's 'force_eager' stance)."""
+        if not self.run.get("compiled_blocks"):
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
+
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Nothing beyond the loop's own reasons."""
         return []
@@ -298,7 +321,7 @@ class FlowBackbone:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn((1, *shape), generator=generator).to(device, dtype)
         schedule = self.sampling_schedule(steps, self.image_seq_len(*shape[1:]))
-        with torch.no_grad():
+        with torch.no_grad(), self.uncompiled():
             for sigma, sigma_next in itertools.pairwise(schedule):
                 t = torch.full((1,), float(sigma), device=device)
                 velocity = self.predict(self.transformer, x, t, cond, guidance=guidance).float()

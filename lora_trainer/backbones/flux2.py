@@ -283,6 +283,7 @@ class KleinBackbone(FlowBackbone):
     """Flux.2 klein 4B / 9B, distilled or base."""
 
     distilled: bool = True  # what the previews' defaults follow (the file name or the folder's is_distilled)
+    compile_pays_after = 400  # H200, klein 4B 1024 px: 30 s to compile, 0.073 s saved a step (3.67 -> 5.00 steps/s)
 
     @classmethod
     def detect(cls, config: TrainConfig) -> str | None:

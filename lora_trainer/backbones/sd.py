@@ -89,6 +89,7 @@ class DiffusionBackbone:
     noise_scheduler: DDPMScheduler = field(init=False)
     model_type = "image"
     can_compile = True
+    compile_pays_after = 10_000  # H200, SD1.5: 170 s to compile, 17 ms saved a step
     # what one run sets up in `prepare` and `add_lora` (a backbone trains once: hosts build one per run)
     run: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -364,6 +365,10 @@ class DiffusionBackbone:
     def trained_modules(self) -> list[torch.nn.Module]:
         """The UNet, and the text encoders when their LoRA trains."""
         return [self.unet] + (self.text_encoders if self.run["te_train"] else [])
+
+    def compiled(self, network: torch.nn.Module) -> torch.nn.Module:
+        """The whole network through torch.compile."""
+        return torch.compile(network)
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Text-encoder training runs outside the captured step."""

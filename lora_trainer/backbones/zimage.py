@@ -289,7 +289,7 @@ class ZImageBackbone(FlowBackbone):
 
     file_style = "peft"
     file_prefix = "diffusion_model"
-    can_compile = False  # `run_transformer` calls the transformer's blocks itself, around any compiled wrapper
+    compile_pays_after = 200  # H200, 1024 px: 29 s to compile, 0.152 s saved a step (1.67 -> 2.25 steps/s)
     # tokens every cached caption is padded to: a multiple of 32, the longest caption's (`prepare`)
     caption_room: int = field(default=SEQ_MULTIPLE, init=False)
     # a merged training adapter: (linear layer, down, up scaled) each, to take it out of previews

@@ -19,39 +19,97 @@ import torch
 from lora_trainer.bench.measure import lora_difference, synthetic_photos, wait_for_device
 
 
+def _real_models(device: torch.device, build) -> tuple:
+    """`build()`'s models made in bf16 straight on `device` (a 12B transformer built on a CPU takes minutes), at a
+    trained model's scale (`tame`)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            models = build()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for model in models:
+        tame(model)
+    return models
+
+
+def _flux_vae():
+    """Flux.1's 16-channel autoencoder (Z-Image uses it too), in fp32 as the families load it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _qwen3_4b(layers: int):
+    """Qwen3-4B's first `layers` decoder layers with the final norm an identity, as `qwen.qwen3_encoder` builds it."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    model = Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                                   num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                                   head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                                   max_position_embeddings=40960, tie_word_embeddings=False, use_cache=False))
+    model.norm = torch.nn.Identity()
+    return model.eval()
+
+
 def real_flux1(device: torch.device):
     """Flux.1-dev of the real shapes (12B transformer, T5-XXL, CLIP-L, the 16-channel autoencoder), random weights."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
     from lora_trainer.backbones.flux import FluxBackbone
     from lora_trainer.backbones.tiny_flow import t5_tokenizer_files
     from lora_trainer.backbones.tokenizer import clip_tokenizer
 
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128,
-                                                 num_attention_heads=24, joint_attention_dim=4096,
-                                                 pooled_projection_dim=768, guidance_embeds=True, in_channels=64)
-            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                         num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                                         dropout_rate=0.0))
-            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"))
-    finally:
-        torch.set_default_dtype(torch.float32)
-    for model in (transformer, t5, clip):
-        tame(model)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    transformer, t5, clip = _real_models(device, lambda: (
+        FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                               joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                               in_channels=64),
+        T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                feed_forward_proj="gated-gelu", is_encoder_decoder=False, dropout_rate=0.0)),
+        CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, hidden_act="quick_gelu"))))
     folder = Path(tempfile.mkdtemp()) / "t5_tokenizer"
     tokenizer = T5TokenizerFast.from_pretrained(str(t5_tokenizer_files(folder)))
-    t5.to("cpu")
-    clip.to("cpu")
-    return FluxBackbone(family="flux1", transformer=transformer, vae=vae, text_encoders=[clip, t5],
-                        tokenizers=[clip_tokenizer(), tokenizer], name="flux1-dev-random", variant="dev")
+    return FluxBackbone(family="flux1", transformer=transformer, vae=_flux_vae(), text_encoders=[clip.to("cpu"),
+                        t5.to("cpu")], tokenizers=[clip_tokenizer(), tokenizer], name="flux1-dev-random", variant="dev")
+
+
+def real_zimage(device: torch.device):
+    """Z-Image-Turbo of the real shapes (6.2B single-stream transformer, Qwen3-4B read at its layer 35, the Flux.1
+    autoencoder), random weights; Qwen's tokenizer is the tests' small one (the ids only need to be in range)."""
+    from lora_trainer.backbones.tiny_zimage import qwen_tokenizer_files
+    from lora_trainer.backbones.zimage import AXES_LENS, ZImageBackbone, tokenizer_from, zimage_classes
+
+    transformer_class = zimage_classes()[0]
+    transformer, qwen = _real_models(device, lambda: (
+        transformer_class(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+                          axes_dims=[32, 48, 48], axes_lens=AXES_LENS),
+        _qwen3_4b(35)))
+    tokenizer = tokenizer_from(qwen_tokenizer_files(Path(tempfile.mkdtemp()) / "qwen_tokenizer"))
+    return ZImageBackbone(family="zimage", transformer=transformer, vae=_flux_vae(), text_encoders=[qwen.to("cpu")],
+                          tokenizers=[tokenizer], name="z-image-turbo-random", variant="turbo")
+
+
+def real_klein4b(device: torch.device):
+    """Flux.2 klein 4B base of the real shapes (5 double and 20 single blocks, 3072 wide; Qwen3-4B read at its
+    layers 9, 18 and 27; the Flux.2 autoencoder), random weights; Qwen's tokenizer is the tests' small one."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    from lora_trainer.backbones.flux2 import TEXT_LAYERS, KleinBackbone, _qwen_tokenizer
+    from lora_trainer.backbones.tiny_flux2 import qwen_tokenizer_files
+
+    transformer, qwen = _real_models(device, lambda: (
+        Flux2Transformer2DModel(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+                                joint_attention_dim=3 * 2560, in_channels=128, guidance_embeds=False),
+        _qwen3_4b(TEXT_LAYERS[-1])))
+    folder = Path(tempfile.mkdtemp()) / "qwen_tokenizer"
+    qwen_tokenizer_files(folder)
+    return KleinBackbone(family="klein", transformer=transformer, vae=AutoencoderKLFlux2(),
+                         text_encoders=[qwen.to("cpu")], tokenizers=[_qwen_tokenizer(folder)],
+                         name="flux-2-klein-base-4b-random", variant="4b", distilled=False)
 
 
 def tame(model: torch.nn.Module) -> None:
@@ -65,7 +123,7 @@ def tame(model: torch.nn.Module) -> None:
                 param.zero_()
 
 
-BUILDERS = {"flux1": real_flux1}
+BUILDERS = {"flux1": real_flux1, "zimage": real_zimage, "klein4b": real_klein4b}
 
 
 def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **options) -> dict:
@@ -74,12 +132,15 @@ def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **o
     from lora_trainer.train.loop import train_lora
 
     synced: list[tuple[int, float]] = []
+    started: list[float] = []
 
     def on_event(event) -> None:
         if event.kind == "progress" and event.data.get("phase") == "caching" and event.step == event.total \
                 and device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        elif event.kind == "progress" and event.data.get("phase") == "training":
+            started.append(time.perf_counter())
         elif event.kind == "loss" and event.step >= 5:
             synced.append((event.step, time.perf_counter()))
 
@@ -91,7 +152,7 @@ def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **o
     trained = train_lora(config, listeners=[on_event], backbone=backbone)
     wait_for_device(device)
     (step0, time0), (step1, time1) = synced[0], synced[-1]
-    result = {"steps_per_s": (step1 - step0) / (time1 - time0),
+    result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_5_steps_s": time0 - started[0],
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "lora_file": trained.lora_file}
@@ -119,8 +180,8 @@ def step_flops(backbone, device: torch.device) -> float:
 
 
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
-               peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False) -> dict:
-    """Our trainer, eager and captured (and with checkpointing if asked), on `family` at its real shapes."""
+               peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False) -> dict:
+    """Our trainer, eager and captured (and with checkpointing, and compiled, if asked) on `family`."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -135,13 +196,21 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             if size == "real":
                 return BUILDERS[family](torch_device)
             from lora_trainer.backbones.tiny_flow import build_tiny_flux
+            from lora_trainer.backbones.tiny_flux2 import build_tiny_klein
+            from lora_trainer.backbones.tiny_zimage import build_tiny_zimage
 
-            return {"flux1": build_tiny_flux}[family](tmp / "tiny")
+            builder = {"flux1": build_tiny_flux, "zimage": build_tiny_zimage, "klein4b": build_tiny_klein}[family]
+            return builder(tmp / "tiny")
 
         options = {} if size == "real" else {"resolution": 64}
-        modes = [("eager", {"cuda_graphs": "off"}), ("captured", {"cuda_graphs": "auto"})]
+        # two eager runs of the same seed give the noise floor of the captured-vs-eager comparison
+        modes = [("eager", {"cuda_graphs": "off", "torch_compile": "off"}),
+                 ("eager again", {"cuda_graphs": "off", "torch_compile": "off"}),
+                 ("captured", {"cuda_graphs": "auto", "torch_compile": "off"})]
         if checkpointing:
-            modes.append(("checkpointing", {"cuda_graphs": "auto", "gradient_checkpointing": True}))
+            modes.append(("checkpointing", {"cuda_graphs": "auto", "torch_compile": "off", "gradient_checkpointing": True}))
+        if compile_model:
+            modes.append(("compiled", {"cuda_graphs": "auto", "torch_compile": "on"}))
         flops = None
         for name, mode in modes:
             model = fresh()
@@ -154,9 +223,14 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             del model
             gc.collect()
         drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"])
+        noise_floor = lora_difference(rows["eager"]["lora_file"], rows.pop("eager again")["lora_file"])
+        compiled_drift = lora_difference(rows["eager"]["lora_file"], rows["compiled"]["lora_file"]) \
+            if "compiled" in rows else None
     report = {"family": family, "size": size, "device": str(torch_device), "resolution": 1024, "batch": 1,
               "tflop_per_step": round(flops / 1e12, 2) if flops else None, "captured_vs_eager_lora_difference": drift,
+              "eager_vs_eager_lora_difference": noise_floor, "compiled_vs_eager_lora_difference": compiled_drift,
               "rows": [{"trainer": f"lora_trainer, {name}", "steps_per_s": round(r["steps_per_s"], 3),
+                        "first_5_steps_s": round(r["first_5_steps_s"], 1),
                         "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),
                         "peak_allocated_gib": r["peak_allocated_gib"] and round(r["peak_allocated_gib"], 2),
                         "percent_of_ideal": round(100 * r["steps_per_s"] * flops / (peak_tflops * 1e12), 1) if flops else None}

@@ -208,7 +208,7 @@ def _captions(args: argparse.Namespace) -> int:
     return 0
 
 
-FLOW_BENCH_FAMILIES = ("flux1",)
+FLOW_BENCH_FAMILIES = ("flux1", "zimage", "klein4b")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -225,7 +225,7 @@ def _bench(args: argparse.Namespace) -> int:
         from lora_trainer.bench.flow import bench_flow
 
         bench_flow(family=args.family, steps=args.steps, size=args.size if args.size != "base" else "real",
-                   device=args.device, out=args.out, checkpointing=args.checkpointing)
+                   device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile)
         return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", choices=["tiny", "base", "large", "real"], default="base",
                        help="caption: BLIP size; train: real or tiny shapes (tiny for CPUs).")
     bench.add_argument("--family", choices=["sd15", "sdxl", "sdxl-vpred", *FLOW_BENCH_FAMILIES], default="sd15",
-                       help="train: model family (sdxl-vpred: SDXL v-prediction with zero terminal SNR; flux1: Flux.1-dev "
-                            "at 1024 px, batch 1, --steps timed steps).")
+                       help="train: model family (sdxl-vpred: SDXL v-prediction with zero terminal SNR; flux1, zimage, "
+                            "klein4b: Flux.1-dev, Z-Image-Turbo, Flux.2 klein 4B at 1024 px, batch 1, --steps timed steps).")
     bench.add_argument("--batch", type=int, default=4, help="train: images per step.")
     bench.add_argument("--steps", type=int, default=50, help="train: timed steps.")
     bench.add_argument("--images", type=int, default=512)

@@ -318,13 +318,16 @@ def _accelerator(config: TrainConfig, logging_dir: Path) -> Accelerator:
 
 def _compiled(network: torch.nn.Module, backbone, config: TrainConfig, device: torch.device,
               steps_per_shape: float) -> torch.nn.Module:
-    """The network through torch.compile for the training step when `torch_compile` asks for it and it can run
-    here, else as it is. Previews and text encoding keep the uncompiled network: their shapes would each cost a
+    """The network through torch.compile for the training step (`backbone.compiled`) when `torch_compile` asks for
+    it and it can run here, else as it is: 'auto' compiles when the backbone's compile pays back within the run's
+    steps per bucket shape. Previews and text encoding keep the uncompiled network: their shapes would each cost a
     compile."""
-    if not config.torch_compile:
+    asked = config.torch_compile == "on"
+    if config.torch_compile == "off":
         return network
     if not backbone.can_compile:
-        log.warning("torch_compile is not used for %s models; training without it.", backbone.family)
+        if asked:
+            log.warning("torch_compile is not used for %s models; training without it.", backbone.family)
         return network
     try:
         from torch.utils._triton import has_triton
@@ -333,15 +336,20 @@ def _compiled(network: torch.nn.Module, backbone, config: TrainConfig, device: t
     except ImportError:  # torch before 2.1
         triton = False
     if device.type != "cuda" or not triton:
-        log.warning("torch_compile: true needs a CUDA GPU and Triton (pip install triton; on Windows "
-                    "triton-windows); training without it.")
+        (log.warning if asked else log.info)(
+            "torch_compile: %s needs a CUDA GPU and Triton (pip install triton; on Windows triton-windows); training "
+            "without it.", config.torch_compile)
         return network
-    log.info("Compiling the network for the training step: the first step of each bucket shape waits for it "
-             "(minutes the first time, much less once torch's compile cache has it).")
-    if steps_per_shape < 2000:  # H200, SD1.5: 170 s to compile, 17 ms saved a step; ~30 s from the cache
-        log.warning("torch_compile: true on %.0f steps per bucket shape: compiling will likely take longer than it "
-                    "saves (it pays off after a few thousand steps per shape).", steps_per_shape)
-    return torch.compile(network)
+    if steps_per_shape < backbone.compile_pays_after:
+        if not asked:
+            log.info("torch_compile: auto leaves the network uncompiled: %.0f steps per bucket shape are too few to "
+                     "pay back compiling (%s: %d).", steps_per_shape, backbone.family, backbone.compile_pays_after)
+            return network
+        log.warning("torch_compile: on with %.0f steps per bucket shape: compiling will likely take longer than it "
+                    "saves (for %s it pays off after about %d steps per shape).", steps_per_shape, backbone.family,
+                    backbone.compile_pays_after)
+    log.info("Compiling the network for the training step: the first step of each bucket shape waits for it.")
+    return backbone.compiled(network)
 
 
 def _tensorboard(folder: Path):
