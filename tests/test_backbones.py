@@ -79,6 +79,7 @@ def test_long_captions_are_encoded_in_75_token_chunks(family, tiny_checkpoints):
     assert not torch.allclose(cond["hidden"][0, 76:], cond["hidden"][1, 76:])
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_training_with_long_captions(tiny_checkpoints, dataset, tmp_path):
     from conftest import quick_config
 

@@ -31,6 +31,7 @@ def test_training_benchmark_runs_at_tiny_size(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["batch"] == 2
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_language_model_benchmark_runs_at_tiny_size(tmp_path):
     import transformers
 

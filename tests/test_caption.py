@@ -139,6 +139,7 @@ def test_a_blip_folder_loads_offline_and_a_missing_model_says_what_to_download(b
     assert "huggingface.co/Salesforce/blip-image-captioning-base" in str(error.value)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_default_model_without_cache_or_network_fails_in_seconds_with_one_message(tmp_path):
     folder = _images(tmp_path / "data", 1)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE")}

@@ -131,6 +131,7 @@ def test_missing_config_file_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert f"Config file not found: {missing}" in caplog.text
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_continues_an_interrupted_run(tiny_checkpoint: Path, noise_images: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -212,6 +213,7 @@ def test_progress_bars_time_only_real_work_and_skipped_files_are_named_once(
     assert len([r for r in caplog.records if "broken.png" in r.getMessage()]) == 1
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 @pytest.mark.parametrize("command", ["train --help-config", "inspect LORA"])
 def test_output_into_a_closed_pipe_ends_without_a_traceback(command: str, tmp_path: Path) -> None:
     lora = save_lora_file(tmp_path / "style.safetensors", {

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.backbones.files import read_weights
+from lora_trainer.backbones.flow import repeated_blocks
 from lora_trainer.backbones.flux import FluxBackbone, bfl_from_transformer, names, transformer_from_bfl
 from lora_trainer.backbones.tiny_flow import build_tiny_flux, tiny_flux_parts
 from lora_trainer.errors import CheckpointError, ConfigError
@@ -253,8 +254,9 @@ def test_torch_compile_compiles_the_repeated_blocks_in_place_and_previews_run_th
     plain_loss, plain_grads = step(backbone.transformer)
     network = backbone.compiled(backbone.transformer)
     assert network is backbone.transformer
-    blocks = [m for m in network.modules() if type(m).__name__ in network._repeated_blocks]
+    blocks = [*network.transformer_blocks, *network.single_transformer_blocks]
     assert len(blocks) == 2 and all(block._compiled_call_impl is not None for block in blocks)
+    assert repeated_blocks(network) == blocks  # on any diffusers: from `_repeated_blocks` or the block lists
     torch._dynamo.reset()
     with backbone.uncompiled():
         loss, grads = step(network)

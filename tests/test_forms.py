@@ -114,6 +114,7 @@ def _gradio_form(blocks) -> dict:
     return shown
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_the_standalone_apps_fresh_form_trains_like_the_command_line(tmp_path):
     pytest.importorskip("gradio")
     from lora_trainer.ui.blocks import build_blocks

@@ -166,6 +166,7 @@ def test_check_dataset_reports_problems(tmp_path, dataset):
     assert "Problem" in check_dataset(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_the_standalone_test_grid_renders_each_strength(tmp_path, sd1_checkpoint, dataset):
     """Strength 0 renders exactly what the model renders without the LoRA; strength 1 differs."""
     import numpy as np

@@ -211,8 +211,7 @@ class FlowBackbone:
         place, one graph serving every block of a kind. On the H200 a Flux.1 step ran 1.45x faster so, and compiling
         took about a minute where the whole 57-block model takes many. Previews run the blocks uncompiled (`render`):
         their shapes and no-grad mode would each cost a compile."""
-        kinds = set(getattr(network, "_repeated_blocks", ()))
-        blocks = [module for module in network.modules() if type(module).__name__ in kinds]
+        blocks = repeated_blocks(network)
         if not blocks:
             return torch.compile(network)
         for block in blocks:
@@ -495,6 +494,15 @@ class FlowBackbone:
         add_lora(self.transformer, sorted(modules), max(ranks.values()), 1.0, 0.0, ranks)
         fill_lora(self.transformer, modules)
         self.transformer.requires_grad_(False)
+
+
+def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """A transformer's repeated blocks: the classes diffusers names in `_repeated_blocks`, or (diffusers before 0.35
+    names none) the members of the transformer's own block lists."""
+    kinds = set(getattr(network, "_repeated_blocks", ()))
+    if kinds:
+        return [module for module in network.modules() if type(module).__name__ in kinds]
+    return [block for child in network.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 def attention_kernels():

@@ -35,8 +35,6 @@ from lora_trainer.backbones.files import (
     Part,
     block_count,
     find_parts,
-    find_tokenizer,
-    host_roots,
     read_weights,
     safetensors_keys,
     shape_of,
@@ -44,7 +42,7 @@ from lora_trainer.backbones.files import (
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
 from lora_trainer.backbones.flux import NORMS  # the q/k norms are named as in Flux.1
-from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights
+from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights, qwen_tokenizer, qwen_tokenizer_from
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import CheckpointError
 
@@ -267,17 +265,6 @@ def _check_widths(path: Path, prefix: str, found: dict) -> None:
                               f"where {path.name} takes {wanted}. Use the Flux.2 autoencoder (flux2-vae.safetensors).")
 
 
-def _qwen_tokenizer(folder: Path):
-    """Qwen's tokenizer from a folder holding its vocab.json and merges.txt."""
-    try:
-        from transformers import Qwen2TokenizerFast
-    except ImportError:
-        raise CheckpointError(QWEN_NEEDS) from None
-    tokenizer = Qwen2TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    tokenizer.padding_side = "right"  # as the pipeline pads: the caption first, then <|endoftext|>
-    return tokenizer
-
-
 @dataclass
 class KleinBackbone(FlowBackbone):
     """Flux.2 klein 4B / 9B, distilled or base."""
@@ -310,7 +297,7 @@ class KleinBackbone(FlowBackbone):
         found = find_parts(path, keys, parts_for(shape_of(path, prefix + "txt_in.weight")[1]), "Flux.2 klein",
                            given=config.text_encoders, vae=config.vae)
         _check_widths(path, prefix, found)
-        tokenizer = cls.qwen_tokenizer(config, path)  # before the slow loading: a missing tokenizer fails at once
+        tokenizer = qwen_tokenizer(config.tokenizers, path, "Flux.2 klein")  # before the slow loading: a missing tokenizer fails at once
         transformer = transformer_from_bfl(read_weights(path, prefix))
         text = found["the Qwen3 text encoder"]
         encoder = qwen3_from_state(read_weights(text.path, text.prefix))
@@ -331,22 +318,13 @@ class KleinBackbone(FlowBackbone):
             transformer = transformer_class.from_pretrained(folder, subfolder="transformer",
                                                             torch_dtype=stored_dtype(folder / "transformer"), **options)
             vae = vae_class.from_pretrained(folder, subfolder="vae", **options)
-            tokenizer = _qwen_tokenizer(folder / "tokenizer")
+            tokenizer = qwen_tokenizer_from(folder / "tokenizer")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"Cannot load the diffusers folder {folder}: {exc}") from None
         encoder = qwen3_from_state({k: v for shard in shards for k, v in read_weights(shard).items()})
         distilled = bool(json.loads((folder / "model_index.json").read_text()).get("is_distilled", False))
         return cls(family="klein", transformer=transformer, vae=vae, text_encoders=[encoder], tokenizers=[tokenizer],
                    name=folder.name, variant=size_of(transformer), distilled=distilled)
-
-    @staticmethod
-    def qwen_tokenizer(config: TrainConfig, model_path: Path):
-        """Qwen's tokenizer, offline: from `tokenizers` (a folder holding it, a diffusers klein folder, a ComfyUI
-        installation), else from the ComfyUI installation the model file lies in."""
-        places = [Path(config.tokenizers).expanduser()] if config.tokenizers else []
-        places += host_roots(model_path)
-        folder = find_tokenizer("Qwen", places, ["tokenizer", "comfy/text_encoders/qwen25_tokenizer"], "merges.txt")
-        return _qwen_tokenizer(folder)
 
     # -- the family's answers ----------------------------------------------------------------------
 

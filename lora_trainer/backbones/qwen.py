@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from lora_trainer.backbones.files import block_count
+from lora_trainer.backbones.files import block_count, find_tokenizer, host_roots
 from lora_trainer.errors import CheckpointError
+
+TOKENIZER_PLACES = ["tokenizer", "comfy/text_encoders/qwen25_tokenizer"]  # in a diffusers folder, in ComfyUI
 
 
 def qwen3_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,3 +50,35 @@ def qwen3_encoder(sd: dict[str, torch.Tensor], layers: int, needs: str) -> torch
         raise CheckpointError(f"The Qwen3 text encoder is missing weights: {missing[:4]}.")
     model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
     return model.eval()
+
+
+def qwen_tokenizer(tokenizers: str, model_path: Path, model: str):
+    """Qwen's tokenizer, offline: from `tokenizers` (the config's: a folder holding it, a diffusers folder of `model`,
+    a ComfyUI installation), else from the ComfyUI installation the model file lies in."""
+    places = [Path(tokenizers).expanduser()] if tokenizers else []
+    places += host_roots(model_path)
+    for marker in ("merges.txt", "tokenizer.json"):
+        try:
+            return qwen_tokenizer_from(find_tokenizer("Qwen", places, TOKENIZER_PLACES, marker))
+        except CheckpointError:
+            continue
+    raise CheckpointError(
+        f"The Qwen tokenizer was not found (looked in {', '.join(map(str, places)) or 'nowhere'}). It ships with "
+        f"ComfyUI (comfy/text_encoders/qwen25_tokenizer) and with every diffusers copy of {model} (tokenizer/): set "
+        "tokenizers: to your ComfyUI folder, to a diffusers folder of the model, or to a folder holding its "
+        "vocab.json and merges.txt.")
+
+
+def qwen_tokenizer_from(folder: Path):
+    """Qwen's tokenizer from a folder (vocab.json + merges.txt, or tokenizer.json), refused if it is another's."""
+    try:
+        from transformers import Qwen2TokenizerFast
+    except ImportError:
+        raise CheckpointError("Qwen's tokenizer needs transformers 4.51 or newer: pip install -U transformers.") from None
+    tokenizer = Qwen2TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    if "<|im_start|>" not in tokenizer.get_vocab():
+        raise CheckpointError(f"{folder} holds a tokenizer, but not Qwen's (it has no <|im_start|> token). Point "
+                              "tokenizers: at ComfyUI's comfy/text_encoders/qwen25_tokenizer or a diffusers folder "
+                              "of the model.")
+    tokenizer.padding_side = "right"  # as the pipelines pad: the caption first, then <|endoftext|>
+    return tokenizer

@@ -46,14 +46,12 @@ from lora_trainer.backbones.files import (
     Part,
     block_count,
     find_parts,
-    find_tokenizer,
-    host_roots,
     read_weights,
     safetensors_keys,
     shape_of,
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
-from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights
+from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights, qwen_tokenizer, qwen_tokenizer_from
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import CheckpointError
 
@@ -187,18 +185,6 @@ def qwen3_from_state(sd: dict[str, torch.Tensor]):
     return qwen3_encoder(sd, qwen3_layers(sd) - 1, ZIMAGE_NEEDS)
 
 
-def tokenizer_from(folder: Path):
-    """Qwen's tokenizer from a folder (vocab.json + merges.txt, or tokenizer.json), refused if it is another's."""
-    from transformers import Qwen2Tokenizer
-
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
-    if "<|im_start|>" not in tokenizer.get_vocab():
-        raise CheckpointError(f"{folder} holds a tokenizer, but not Qwen's (it has no <|im_start|> token). Point "
-                              "tokenizers: at ComfyUI's comfy/text_encoders/qwen25_tokenizer or a Z-Image diffusers folder.")
-    tokenizer.padding_side = "right"  # as the pipeline pads: the caption first, then <|endoftext|>
-    return tokenizer
-
-
 def run_transformer(model: ZImageTransformer2DModel, latents: torch.Tensor, t: torch.Tensor, captions: torch.Tensor,
                     real: torch.Tensor) -> torch.Tensor:
     """`ZImageTransformer2DModel.forward` (one image and one caption per example) on tensors of fixed shapes.
@@ -325,7 +311,7 @@ class ZImageBackbone(FlowBackbone):
             prefix, layout = where
             found = find_parts(path, keys, PARTS, "Z-Image", given=config.text_encoders, vae=config.vae)
             _check_width(path, prefix, found[QWEN3.name])
-            tokenizer = cls.qwen_tokenizer(config, path)  # before the slow loading: a missing tokenizer fails at once
+            tokenizer = qwen_tokenizer(config.tokenizers, path, "Z-Image")  # before the slow loading: a missing tokenizer fails at once
             transformer = transformer_from_file(read_weights(path, prefix), layout)
             text_encoder = qwen3_from_state(read_weights(found[QWEN3.name].path, found[QWEN3.name].prefix))
             vae_part = found[PARTS[1].name]
@@ -347,32 +333,12 @@ class ZImageBackbone(FlowBackbone):
             transformer = zimage_classes()[0].from_pretrained(folder, subfolder="transformer", **options)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **options)
             text_encoder = qwen3_from_state(_folder_weights(folder / "text_encoder"))
-            tokenizer = tokenizer_from(folder / "tokenizer")
+            tokenizer = qwen_tokenizer_from(folder / "tokenizer")
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"Cannot load the diffusers folder {folder}: {exc}") from None
         # a hub cache names the snapshot by its hash: models--Tongyi-MAI--Z-Image-Turbo/snapshots/<hash>
         return cls(family="zimage", transformer=transformer, vae=vae, text_encoders=[text_encoder],
                    tokenizers=[tokenizer], name=folder.name, variant=variant_of(" ".join(folder.parts[-3:])))
-
-    @staticmethod
-    def qwen_tokenizer(config: TrainConfig, model_path: Path):
-        """Qwen's tokenizer, offline: from `tokenizers` (a folder holding it, a diffusers Z-Image folder, a ComfyUI
-        installation), else from the ComfyUI installation the model file lies in."""
-        places = [Path(config.tokenizers).expanduser()] if config.tokenizers else []
-        places += host_roots(model_path)
-        relative = ["tokenizer", "comfy/text_encoders/qwen25_tokenizer"]
-        try:
-            folder = find_tokenizer("Qwen", places, relative, "merges.txt")
-        except CheckpointError:
-            try:
-                folder = find_tokenizer("Qwen", places, relative, "tokenizer.json")
-            except CheckpointError:
-                raise CheckpointError(
-                    f"The Qwen tokenizer was not found (looked in {', '.join(map(str, places)) or 'nowhere'}). It "
-                    "ships with ComfyUI (comfy/text_encoders/qwen25_tokenizer) and with every diffusers copy of "
-                    "Z-Image (tokenizer/): set tokenizers: to your ComfyUI folder, to a diffusers folder of the "
-                    "model, or to a folder holding its vocab.json and merges.txt.") from None
-        return tokenizer_from(folder)
 
     # -- the training adapter ----------------------------------------------------------------------
 

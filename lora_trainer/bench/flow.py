@@ -80,15 +80,16 @@ def real_flux1(device: torch.device):
 def real_zimage(device: torch.device):
     """Z-Image-Turbo of the real shapes (6.2B single-stream transformer, Qwen3-4B read at its layer 35, the Flux.1
     autoencoder), random weights; Qwen's tokenizer is the tests' small one (the ids only need to be in range)."""
+    from lora_trainer.backbones.qwen import qwen_tokenizer_from
     from lora_trainer.backbones.tiny_zimage import qwen_tokenizer_files
-    from lora_trainer.backbones.zimage import AXES_LENS, ZImageBackbone, tokenizer_from, zimage_classes
+    from lora_trainer.backbones.zimage import AXES_LENS, ZImageBackbone, zimage_classes
 
     transformer_class = zimage_classes()[0]
     transformer, qwen = _real_models(device, lambda: (
         transformer_class(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
                           axes_dims=[32, 48, 48], axes_lens=AXES_LENS),
         _qwen3_4b(35)))
-    tokenizer = tokenizer_from(qwen_tokenizer_files(Path(tempfile.mkdtemp()) / "qwen_tokenizer"))
+    tokenizer = qwen_tokenizer_from(qwen_tokenizer_files(Path(tempfile.mkdtemp()) / "qwen_tokenizer"))
     return ZImageBackbone(family="zimage", transformer=transformer, vae=_flux_vae(), text_encoders=[qwen.to("cpu")],
                           tokenizers=[tokenizer], name="z-image-turbo-random", variant="turbo")
 
@@ -98,7 +99,8 @@ def real_klein4b(device: torch.device):
     layers 9, 18 and 27; the Flux.2 autoencoder), random weights; Qwen's tokenizer is the tests' small one."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    from lora_trainer.backbones.flux2 import TEXT_LAYERS, KleinBackbone, _qwen_tokenizer
+    from lora_trainer.backbones.flux2 import TEXT_LAYERS, KleinBackbone
+    from lora_trainer.backbones.qwen import qwen_tokenizer_from
     from lora_trainer.backbones.tiny_flux2 import qwen_tokenizer_files
 
     transformer, qwen = _real_models(device, lambda: (
@@ -108,7 +110,7 @@ def real_klein4b(device: torch.device):
     folder = Path(tempfile.mkdtemp()) / "qwen_tokenizer"
     qwen_tokenizer_files(folder)
     return KleinBackbone(family="klein", transformer=transformer, vae=AutoencoderKLFlux2(),
-                         text_encoders=[qwen.to("cpu")], tokenizers=[_qwen_tokenizer(folder)],
+                         text_encoders=[qwen.to("cpu")], tokenizers=[qwen_tokenizer_from(folder)],
                          name="flux-2-klein-base-4b-random", variant="4b", distilled=False)
 
 
