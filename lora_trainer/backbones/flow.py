@@ -212,6 +212,9 @@ class FlowBackbone:
         took about a minute where the whole 57-block model takes many. Previews run the blocks uncompiled (`render`):
         their shapes and no-grad mode would each cost a compile."""
         blocks = repeated_blocks(network)
+        if not hasattr(torch.compiler, "set_stance"):  # torch before 2.6: previews could not run the blocks plainly
+            log.warning("torch_compile needs torch 2.6 or newer for %s models; training uncompiled.", self.family)
+            return network
         if not blocks:
             return torch.compile(network)
         for block in blocks:
