@@ -208,9 +208,9 @@ class FlowBackbone:
 
     def compiled(self, network: torch.nn.Module) -> torch.nn.Module:
         """Regional compilation: each of the transformer's repeated blocks (diffusers' `_repeated_blocks`) compiled in
-        place, one graph serving every block of a kind. On the H200 a Flux.1 step ran 1.45x faster so, and compiling
-        took about a minute where the whole 57-block model takes many. Previews run the blocks uncompiled (`render`):
-        their shapes and no-grad mode would each cost a compile."""
+        place, one graph serving every block of a kind: on the H200 the captured Flux.1 step ran 1.35x faster so (its
+        element-wise kernels fused), and compiling took 48 s where the whole 57-block model takes minutes. Previews run
+        the blocks uncompiled (`render`): their shapes and no-grad mode would each cost a compile."""
         blocks = repeated_blocks(network)
         if not hasattr(torch.compiler, "set_stance"):  # torch before 2.6: previews could not run the blocks plainly
             log.warning("torch_compile needs torch 2.6 or newer for %s models; training uncompiled.", self.family)
