@@ -90,6 +90,7 @@ def test_training_with_long_captions(tiny_checkpoints, dataset, tmp_path):
     assert result.lora_file.is_file()
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_a_v_prediction_sdxl_marked_ztsnr_trains_and_samples_as_it_was_made(dataset, tmp_path):
     """NoobAI-XL v-pred files carry `v_pred` and `ztsnr` keys. Peers that miss them train without error and the LoRA
     draws empty images: the model is trained on noise it never sees, and sampling starts short of pure noise."""

@@ -259,6 +259,7 @@ def test_inspect_missing_file_exits_2(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "LoRA file not found" in caplog.text
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_demo_writes_lora_and_before_after(tmp_path: Path) -> None:
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "6"]) == 0
 

@@ -165,6 +165,7 @@ def test_every_key_follows_the_webui_and_comfyui_rules(sd1_checkpoint, dataset, 
     assert "inkwash" in metadata["ss_tag_frequency"]
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_interrupt_then_resume_gives_the_same_lora_as_one_run(sd1_checkpoint, dataset, tmp_path):
     options = {"max_steps": 8, "shuffle_captions": True, "caption_dropout": 0.2, "flip_aug": True, "lora_dropout": 0.1,
                "noise_offset": 0.05, "gradient_accumulation_steps": 2, "batch_size": 1}
