@@ -78,3 +78,44 @@ def checkpoint_loras(result) -> dict[str, torch.Tensor]:
     """The LoRA weights (peft names) in the first checkpoint a run saved."""
     state = torch.load(next((result.output_dir / "checkpoints").glob("step-*")) / "state.pt", weights_only=True)
     return state["loras"][0]
+
+
+def assert_resume_is_bit_identical(checkpoint: Path, data: Path, tmp_path: Path, **options) -> None:
+    """A run of 6 steps stopped after step 3 and resumed gives the LoRA of one uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+
+    from lora_trainer.events import CancelToken
+    from lora_trainer.train.loop import train_lora
+
+    options = {"max_steps": 6, **options}
+    whole = train_lora(transformer_config(checkpoint, data, tmp_path / "a", **options))
+    cancel = CancelToken()
+    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
+    first = train_lora(transformer_config(checkpoint, data, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
+    assert first.interrupted and first.steps == 3
+    resumed = train_lora(transformer_config(checkpoint, data, tmp_path / "b", **options), resume=tmp_path / "b")
+    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_diffusers_reads_our_update(backbone_class, targets: dict, picked: list[str], fan_in, convert) -> dict:
+    """Rank-2 random LoRAs on `picked` (of `targets`, the family's `names`; `fan_in(name)` each one's input width)
+    written as our file by `backbone_class.to_file`, read back by diffusers' `convert`: every key is consumed and each
+    layer gets exactly our update (B @ A times the scale), checked on a few vectors. Returns the file's tensors."""
+    backbone = backbone_class.__new__(backbone_class)
+    backbone.file_targets = lambda: targets
+    torch.manual_seed(0)
+    state = {}
+    for name in picked:
+        _, _, rows, _ = targets[name]
+        state[f"{name}.lora_A.weight"] = torch.randn(2, fan_in(name))
+        state[f"{name}.lora_B.weight"] = torch.randn(rows, 2)
+    tensors = backbone.to_file(state, alpha=1.0, dtype="fp32")
+    converted = convert(dict(tensors))
+    for name in picked:
+        a, b = converted[f"transformer.{name}.lora_A.weight"], converted[f"transformer.{name}.lora_B.weight"]
+        probe = torch.randn(a.shape[1], 3)  # the update applied to a few vectors (whole products are too slow here)
+        want = state[f"{name}.lora_B.weight"] @ (state[f"{name}.lora_A.weight"] @ probe) * (1.0 / 2)
+        torch.testing.assert_close(b @ (a @ probe), want, rtol=1e-4, atol=1e-4)
+    assert len(converted) == 2 * len(picked)
+    return tensors

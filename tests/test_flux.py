@@ -7,7 +7,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import checkpoint_loras, quick_config, transformer_config
+from conftest import (
+    assert_diffusers_reads_our_update,
+    assert_resume_is_bit_identical,
+    checkpoint_loras,
+    quick_config,
+    transformer_config,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +22,6 @@ from lora_trainer.backbones.flow import repeated_blocks
 from lora_trainer.backbones.flux import FluxBackbone, bfl_from_transformer, names, transformer_from_bfl
 from lora_trainer.backbones.tiny_flow import build_tiny_flux, tiny_flux_parts
 from lora_trainer.errors import CheckpointError, ConfigError
-from lora_trainer.events import CancelToken
 from lora_trainer.train.loop import train_lora
 
 
@@ -84,37 +89,16 @@ def test_diffusers_reads_every_key_of_a_real_sized_flux_lora():
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     targets = names(19, 38, 3072, 12288)
-    backbone = FluxBackbone.__new__(FluxBackbone)
-    backbone.file_targets = lambda: targets
-    torch.manual_seed(0)
     picked = [n for n in targets if n.startswith(("transformer_blocks.0.", "single_transformer_blocks.0.",
                                                   "transformer_blocks.18.", "single_transformer_blocks.37."))]
-    state = {}
-    for name in picked:
-        _, _, rows, _ = targets[name]
-        fan_in = 3072 + 12288 if name.endswith("proj_out") else 12288 if name.endswith("net.2") else 3072
-        state[f"{name}.lora_A.weight"] = torch.randn(2, fan_in)
-        state[f"{name}.lora_B.weight"] = torch.randn(rows, 2)
-    tensors = backbone.to_file(state, alpha=1.0, dtype="fp32")
-    converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
-    for name in picked:
-        a, b = converted[f"transformer.{name}.lora_A.weight"], converted[f"transformer.{name}.lora_B.weight"]
-        probe = torch.randn(a.shape[1], 3)  # the update applied to a few vectors (whole products are too slow here)
-        want = state[f"{name}.lora_B.weight"] @ (state[f"{name}.lora_A.weight"] @ probe) * (1.0 / 2)
-        torch.testing.assert_close(b @ (a @ probe), want, rtol=1e-4, atol=1e-4)
-    assert len(converted) == 2 * len(picked)
+    assert_diffusers_reads_our_update(
+        FluxBackbone, targets, picked,
+        lambda name: 3072 + 12288 if name.endswith("proj_out") else 12288 if name.endswith("net.2") else 3072,
+        _convert_kohya_flux_lora_to_diffusers)
 
 
 def test_resume_is_bit_identical(flux, dataset, tmp_path):
-    options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(transformer_config(flux, dataset, tmp_path / "a", **options))
-    cancel = CancelToken()
-    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(transformer_config(flux, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
-    assert first.interrupted and first.steps == 3
-    resumed = train_lora(transformer_config(flux, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
-    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(flux, dataset, tmp_path, caption_dropout=0.3, flip_aug=True, noise_offset=0.05)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow

@@ -14,7 +14,12 @@ import diffusers
 import pytest
 import torch
 import transformers
-from conftest import checkpoint_loras, transformer_config
+from conftest import (
+    assert_diffusers_reads_our_update,
+    assert_resume_is_bit_identical,
+    checkpoint_loras,
+    transformer_config,
+)
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -33,7 +38,6 @@ from lora_trainer.backbones.flux2 import (
 )
 from lora_trainer.backbones.tiny_flux2 import build_tiny_klein
 from lora_trainer.errors import CheckpointError
-from lora_trainer.events import CancelToken
 from lora_trainer.lora.inject import add_lora, load_lora_state
 from lora_trainer.train.loop import train_lora
 
@@ -133,26 +137,13 @@ def test_diffusers_reads_every_key_of_a_real_sized_klein_lora():
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
 
     targets = names(5, 20, 3072, 9216)
-    backbone = KleinBackbone.__new__(KleinBackbone)
-    backbone.file_targets = lambda: targets
-    torch.manual_seed(0)
     picked = [n for n in targets if n.startswith(("transformer_blocks.0.", "single_transformer_blocks.0.",
                                                   "transformer_blocks.4.", "single_transformer_blocks.19."))]
-    state = {}
-    for name in picked:
-        _, _, rows, _ = targets[name]
-        fan_in = 3072 + 9216 if name.endswith("attn.to_out") else 9216 if name.endswith("linear_out") else 3072
-        state[f"{name}.lora_A.weight"] = torch.randn(2, fan_in)
-        state[f"{name}.lora_B.weight"] = torch.randn(rows, 2)
-    tensors = backbone.to_file(state, alpha=1.0, dtype="fp32")
+    tensors = assert_diffusers_reads_our_update(
+        KleinBackbone, targets, picked,
+        lambda name: 3072 + 9216 if name.endswith("attn.to_out") else 9216 if name.endswith("linear_out") else 3072,
+        _convert_kohya_flux2_lora_to_diffusers)
     assert "lora_unet_double_blocks_4_txt_attn_qkv.lora_up.weight" in tensors
-    converted = _convert_kohya_flux2_lora_to_diffusers(dict(tensors))
-    for name in picked:
-        a, b = converted[f"transformer.{name}.lora_A.weight"], converted[f"transformer.{name}.lora_B.weight"]
-        probe = torch.randn(a.shape[1], 3)  # the update applied to a few vectors (whole products are too slow here)
-        want = state[f"{name}.lora_B.weight"] @ (state[f"{name}.lora_A.weight"] @ probe) * (1.0 / 2)
-        torch.testing.assert_close(b @ (a @ probe), want, rtol=1e-4, atol=1e-4)
-    assert len(converted) == 2 * len(picked)
 
 
 def test_real_sized_files_build_klein_4b_and_9b():
@@ -182,15 +173,7 @@ def test_real_sized_files_build_klein_4b_and_9b():
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_is_bit_identical(klein, dataset, tmp_path):
-    options = {"max_steps": 6, "caption_dropout": 0.3, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(transformer_config(klein, dataset, tmp_path / "a", **options))
-    cancel = CancelToken()
-    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(transformer_config(klein, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
-    assert first.interrupted and first.steps == 3
-    resumed = train_lora(transformer_config(klein, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
-    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(klein, dataset, tmp_path, caption_dropout=0.3, flip_aug=True, noise_offset=0.05)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow

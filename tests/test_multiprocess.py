@@ -44,15 +44,11 @@ def _launch(config: dict, folder: Path, processes: int = 2, pattern: str = "*.sa
     return files[0], logs
 
 
-@pytest.mark.slow
-def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_step(sd1_checkpoint, tmp_path):
+def _assert_both_steps_train_one_lora(base: dict, tmp_path: Path) -> None:
+    """Two processes train the same LoRA with accelerate's DDP eager step and with the graph-ready step, whose
+    gradients one all-reduce of a flat buffer averages: the same averages as DDP's bucketed all-reduce."""
     from lora_trainer.lora.kohya import read_lora_file
 
-    data = make_dataset(tmp_path / "data", count=8)
-    base = {"base_model": str(sd1_checkpoint), "train_data_dir": str(data), "resolution": 64, "batch_size": 4,
-            "max_steps": 4, "device": "cpu", "learning_rate": 1e-3, "lora_rank": 4, "lora_alpha": 4,
-            "save_every_n_epochs": 0, "log_every_n_steps": 1, "save_dtype": "fp32", "enable_buckets": False,
-            "output_name": "twoproc"}
     loras = {}
     for mode in ("off", "on"):
         lora, logs = _launch({**base, "cuda_graphs": mode, "output_dir": str(tmp_path / f"out-{mode}")},
@@ -60,9 +56,19 @@ def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_
         loras[mode] = read_lora_file(lora)[0]
     assert "graph-ready step runs eagerly" in logs[0]
     assert loras["on"].keys() == loras["off"].keys()
-    for key in loras["off"]:  # DDP's bucketed all-reduce vs ours over one flat buffer: the same averages
+    for key in loras["off"]:
         torch.testing.assert_close(loras["on"][key], loras["off"][key], rtol=1e-4, atol=1e-6)
     assert any(v.abs().max() > 0 for k, v in loras["on"].items() if "lora_up" in k)
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_lora_the_same_with_and_without_the_graph_ready_step(sd1_checkpoint, tmp_path):
+    data = make_dataset(tmp_path / "data", count=8)
+    base = {"base_model": str(sd1_checkpoint), "train_data_dir": str(data), "resolution": 64, "batch_size": 4,
+            "max_steps": 4, "device": "cpu", "learning_rate": 1e-3, "lora_rank": 4, "lora_alpha": 4,
+            "save_every_n_epochs": 0, "log_every_n_steps": 1, "save_dtype": "fp32", "enable_buckets": False,
+            "output_name": "twoproc"}
+    _assert_both_steps_train_one_lora(base, tmp_path)
 
 
 @pytest.mark.slow
@@ -98,20 +104,10 @@ def test_two_processes_train_one_flux_lora_the_same_with_and_without_the_graph_r
     """The transformer families on the same multi-process paths: each rank caches its share, the gradients are
     averaged, the main rank writes one LoRA."""
     from lora_trainer.backbones.tiny_flow import build_tiny_flux
-    from lora_trainer.lora.kohya import read_lora_file
 
     flux = build_tiny_flux(tmp_path / "comfy")
     data = make_dataset(tmp_path / "data", count=8)
     base = {"base_model": str(flux), "train_data_dir": str(data), "resolution": 64, "batch_size": 4, "max_steps": 4,
             "device": "cpu", "learning_rate": 1e-3, "lora_rank": 4, "lora_alpha": 4, "save_every_n_epochs": 0,
             "log_every_n_steps": 1, "save_dtype": "fp32", "enable_buckets": False, "output_name": "twoflux"}
-    loras = {}
-    for mode in ("off", "on"):
-        lora, logs = _launch({**base, "cuda_graphs": mode, "output_dir": str(tmp_path / f"out-{mode}")},
-                             tmp_path / f"run-{mode}")
-        loras[mode] = read_lora_file(lora)[0]
-    assert "graph-ready step runs eagerly" in logs[0]
-    assert loras["on"].keys() == loras["off"].keys()
-    for key in loras["off"]:
-        torch.testing.assert_close(loras["on"][key], loras["off"][key], rtol=1e-4, atol=1e-6)
-    assert any(v.abs().max() > 0 for k, v in loras["on"].items() if "lora_up" in k)
+    _assert_both_steps_train_one_lora(base, tmp_path)

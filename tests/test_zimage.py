@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import checkpoint_loras, make_dataset, transformer_config
+from conftest import assert_resume_is_bit_identical, checkpoint_loras, make_dataset, transformer_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,7 +30,6 @@ from lora_trainer.backbones.zimage import (
     zimage_classes,
 )
 from lora_trainer.errors import CheckpointError, ConfigError
-from lora_trainer.events import CancelToken
 from lora_trainer.lora.inject import add_lora, load_lora_state
 from lora_trainer.train.loop import train_lora
 
@@ -272,15 +271,7 @@ def comfy_name(name: str) -> str:
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 def test_resume_is_bit_identical(zimage, dataset, tmp_path):
     """Batches of 2 (the dataset's two sizes) with caption dropout, mirroring and noise offset."""
-    options = {"max_steps": 6, "batch_size": 2, "caption_dropout": 0.5, "flip_aug": True, "noise_offset": 0.05}
-    whole = train_lora(transformer_config(zimage, dataset, tmp_path / "a", **options))
-    cancel = CancelToken()
-    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 3 and "phase" not in e.data else None
-    first = train_lora(transformer_config(zimage, dataset, tmp_path / "b", **options), listeners=[stop], cancel=cancel)
-    assert first.interrupted and first.steps == 3
-    resumed = train_lora(transformer_config(zimage, dataset, tmp_path / "b", **options), resume=tmp_path / "b")
-    a, b = load_file(str(whole.lora_file)), load_file(str(resumed.lora_file))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(zimage, dataset, tmp_path, batch_size=2, caption_dropout=0.5, flip_aug=True, noise_offset=0.05)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
