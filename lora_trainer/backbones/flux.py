@@ -114,6 +114,33 @@ NORMS = {  # per block: diffusers RMSNorm weight -> BFL scale
 }
 
 
+def block_norms(double: int, single: int) -> dict[str, str]:
+    """Every block's q/k norm weight: diffusers' name -> BFL's, for `double` and `single` blocks (Flux.1 and Flux.2
+    name them alike)."""
+    return {f"{block}.{i}.{name}.weight": f"{bfl_block}.{i}.{bfl}.scale"
+            for kind, count, block, bfl_block in (("double", double, "transformer_blocks", "double_blocks"),
+                                                  ("single", single, "single_transformer_blocks", "single_blocks"))
+            for i in range(count) for name, bfl in NORMS[kind].items()}
+
+
+def swapped_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """The final modulation's halves swapped: BFL stores shift, scale; diffusers scale, shift (either way round)."""
+    first, second = tensor.chunk(2)
+    return torch.cat([second, first])
+
+
+def built_on_meta(transformer_class, config: dict, converted: dict[str, torch.Tensor], what: str):
+    """`transformer_class(**config)` built on the meta device and given `converted` with assign (moved, not copied);
+    a CheckpointError naming `what` unless every weight fits."""
+    with torch.device("meta"):
+        model = transformer_class(**config)
+    missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(f"The {what} transformer did not load cleanly: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}.")
+    return model
+
+
 def transformer_from_bfl(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
     """diffusers' Flux transformer from BFL-layout weights (prefix removed), config read from the shapes; the
     weights are moved, not copied (built on the meta device, loaded with assign)."""
@@ -134,23 +161,12 @@ def transformer_from_bfl(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
     for name, bfl in OUTER.items():
         if f"{bfl}.weight" in sd:
             converted[f"{name}.weight"], converted[f"{name}.bias"] = sd[f"{bfl}.weight"], sd[f"{bfl}.bias"]
-    for kind, count, block, bfl_block in (("double", double, "transformer_blocks", "double_blocks"),
-                                          ("single", single, "single_transformer_blocks", "single_blocks")):
-        for i in range(count):
-            for name, bfl in NORMS[kind].items():
-                converted[f"{block}.{i}.{name}.weight"] = sd[f"{bfl_block}.{i}.{bfl}.scale"]
-    shift, scale = sd["final_layer.adaLN_modulation.1.weight"].chunk(2)  # BFL: shift, scale; diffusers: scale, shift
-    converted["norm_out.linear.weight"] = torch.cat([scale, shift])
-    shift, scale = sd["final_layer.adaLN_modulation.1.bias"].chunk(2)
-    converted["norm_out.linear.bias"] = torch.cat([scale, shift])
+    converted.update({ours: sd[theirs] for ours, theirs in block_norms(double, single).items()})
+    for leaf in ("weight", "bias"):
+        converted[f"norm_out.linear.{leaf}"] = swapped_halves(sd[f"final_layer.adaLN_modulation.1.{leaf}"])
     if sd["final_layer.linear.weight"].shape[0] != config["in_channels"]:  # diffusers before 0.32 cannot say it
         config["out_channels"] = sd["final_layer.linear.weight"].shape[0]
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
-    missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"The Flux transformer did not load cleanly: missing {missing[:4]}, unexpected {unexpected[:4]}.")
-    return model
+    return built_on_meta(FluxTransformer2DModel, config, converted, "Flux")
 
 
 def bfl_from_transformer(model: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
@@ -171,14 +187,9 @@ def bfl_from_transformer(model: FluxTransformer2DModel) -> dict[str, torch.Tenso
     for name, bfl in OUTER.items():
         if f"{name}.weight" in sd:
             out[f"{bfl}.weight"], out[f"{bfl}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
-    for kind, count, block, bfl_block in (("double", config.num_layers, "transformer_blocks", "double_blocks"),
-                                          ("single", config.num_single_layers, "single_transformer_blocks", "single_blocks")):
-        for i in range(count):
-            for name, bfl in NORMS[kind].items():
-                out[f"{bfl_block}.{i}.{bfl}.scale"] = sd[f"{block}.{i}.{name}.weight"]
+    out.update({theirs: sd[ours] for ours, theirs in block_norms(config.num_layers, config.num_single_layers).items()})
     for leaf in ("weight", "bias"):
-        scale, shift = sd[f"norm_out.linear.{leaf}"].chunk(2)
-        out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = swapped_halves(sd[f"norm_out.linear.{leaf}"])
     return out
 
 

@@ -41,7 +41,7 @@ from lora_trainer.backbones.files import (
     stored_dtype,
 )
 from lora_trainer.backbones.flow import FileTarget, FlowBackbone, time_shift
-from lora_trainer.backbones.flux import NORMS  # the q/k norms are named as in Flux.1
+from lora_trainer.backbones.flux import block_norms, built_on_meta, swapped_halves  # named as in Flux.1
 from lora_trainer.backbones.qwen import qwen3_encoder, qwen3_layers, qwen3_weights, qwen_tokenizer, qwen_tokenizer_from
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import CheckpointError
@@ -149,20 +149,9 @@ def transformer_from_bfl(sd: dict[str, torch.Tensor]):
         converted[f"{name}.weight"] = sd[f"{bfl}.weight"][row:row + rows]
     for name, bfl in OUTER.items():
         converted[f"{name}.weight"] = sd[f"{bfl}.weight"]
-    for kind, count, block, bfl_block in (("double", double, "transformer_blocks", "double_blocks"),
-                                          ("single", single, "single_transformer_blocks", "single_blocks")):
-        for i in range(count):
-            for name, bfl in NORMS[kind].items():
-                converted[f"{block}.{i}.{name}.weight"] = sd[f"{bfl_block}.{i}.{bfl}.scale"]
-    shift, scale = sd["final_layer.adaLN_modulation.1.weight"].chunk(2)  # BFL: shift, scale; diffusers: scale, shift
-    converted["norm_out.linear.weight"] = torch.cat([scale, shift])
-    with torch.device("meta"):
-        model = transformer_class(**config)
-    missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"The klein transformer did not load cleanly: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]}.")
-    return model
+    converted.update({ours: sd[theirs] for ours, theirs in block_norms(double, single).items()})
+    converted["norm_out.linear.weight"] = swapped_halves(sd["final_layer.adaLN_modulation.1.weight"])
+    return built_on_meta(transformer_class, config, converted, "klein")
 
 
 def bfl_from_transformer(model) -> dict[str, torch.Tensor]:
@@ -179,13 +168,8 @@ def bfl_from_transformer(model) -> dict[str, torch.Tensor]:
            for bfl, pieces in parts.items()}
     for name, bfl in OUTER.items():
         out[f"{bfl}.weight"] = sd[f"{name}.weight"]
-    for kind, count, block, bfl_block in (("double", config.num_layers, "transformer_blocks", "double_blocks"),
-                                          ("single", config.num_single_layers, "single_transformer_blocks", "single_blocks")):
-        for i in range(count):
-            for name, bfl in NORMS[kind].items():
-                out[f"{bfl_block}.{i}.{bfl}.scale"] = sd[f"{block}.{i}.{name}.weight"]
-    scale, shift = sd["norm_out.linear.weight"].chunk(2)
-    out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    out.update({theirs: sd[ours] for ours, theirs in block_norms(config.num_layers, config.num_single_layers).items()})
+    out["final_layer.adaLN_modulation.1.weight"] = swapped_halves(sd["norm_out.linear.weight"])
     return out
 
 
