@@ -81,22 +81,25 @@ def build_tiny_flux(root: str | Path, *, layout: str = "comfy", seed: int = 0, g
     (as in a ComfyUI installation); 'checkpoint': one all-in-one file root/models/checkpoints/flux_tiny.safetensors
     (ComfyUI's prefixes) and the same tokenizer folder. guidance=False makes a schnell-like model."""
     root = Path(root)
-    parts = {k: {n: t.contiguous() for n, t in v.items()} for k, v in tiny_flux_parts(seed, guidance).items()}
+    parts = tiny_flux_parts(seed, guidance)
     t5_tokenizer_files(root / "comfy" / "text_encoders" / "t5_tokenizer")
     name = "flux1-dev-tiny" if guidance else "flux1-schnell-tiny"
+    models = root / "models"
     if layout == "checkpoint":
-        path = root / "models" / "checkpoints" / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.diffusion_model.{k}": v for k, v in parts["transformer"].items()}
         tensors.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in parts["clip_l"].items()})
         tensors.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in parts["t5xxl"].items()})
         tensors.update({f"vae.{k}": v for k, v in parts["ae"].items()})
-        save_file(tensors, str(path))
-        return path
-    models = root / "models"
-    for folder, file, key in (("diffusion_models", f"{name}.safetensors", "transformer"),
-                              ("text_encoders", "clip_l.safetensors", "clip_l"),
-                              ("text_encoders", "t5xxl_fp16.safetensors", "t5xxl"), ("vae", "ae.safetensors", "ae")):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        save_file(parts[key], str(models / folder / file))
+        save_parts(models, {("checkpoints", f"{name}.safetensors"): tensors})
+        return models / "checkpoints" / f"{name}.safetensors"
+    save_parts(models, {("diffusion_models", f"{name}.safetensors"): parts["transformer"],
+                        ("text_encoders", "clip_l.safetensors"): parts["clip_l"],
+                        ("text_encoders", "t5xxl_fp16.safetensors"): parts["t5xxl"], ("vae", "ae.safetensors"): parts["ae"]})
     return models / "diffusion_models" / f"{name}.safetensors"
+
+
+def save_parts(models: Path, files: dict[tuple[str, str], dict[str, torch.Tensor]]) -> None:
+    """Each file's tensors saved as models/<folder>/<file>, the way a ComfyUI models folder holds them."""
+    for (folder, file), tensors in files.items():
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(models / folder / file))

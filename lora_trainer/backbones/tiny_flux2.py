@@ -21,7 +21,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from lora_trainer.backbones.flux2 import bfl_from_transformer
 from lora_trainer.backbones.tiny import vae_to_ldm
-from lora_trainer.backbones.tiny_flow import _wake
+from lora_trainer.backbones.tiny_flow import _wake, save_parts
 
 QWEN_WIDTH = 32
 QWEN_LAYERS = 28  # klein reads the states entering layer 27; one more, as a real file has more than it reads
@@ -114,7 +114,5 @@ def build_tiny_klein(root: str | Path, *, layout: str = "comfy", seed: int = 0, 
     files = {("diffusion_models", f"{name}.safetensors"): bfl_from_transformer(transformer),
              ("text_encoders", "qwen_3_4b.safetensors"): {f"model.{k}": v for k, v in encoder.state_dict().items()},
              ("vae", "flux2-vae.safetensors"): vae_file_layout(vae.state_dict())}
-    for (folder, file), tensors in files.items():
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(models / folder / file))
+    save_parts(models, files)
     return models / "diffusion_models" / f"{name}.safetensors"

@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lora_trainer.backbones.tiny import vae_to_ldm
-from lora_trainer.backbones.tiny_flow import WORDS, _tiny_vae, _wake
+from lora_trainer.backbones.tiny_flow import WORDS, _tiny_vae, _wake, save_parts
 from lora_trainer.backbones.zimage import AXES_LENS, comfy_from_transformer, zimage_classes
 
 QWEN_WIDTH = 64  # the tiny Qwen3's states, the transformer's caption input
@@ -86,22 +85,18 @@ def build_tiny_zimage(root: str | Path, *, layout: str = "comfy", seed: int = 0,
     root = Path(root)
     if layout == "diffusers":
         return _diffusers_folder(root / ("Z-Image-Turbo-tiny" if turbo else "Z-Image-tiny"), seed)
-    parts = {k: {n: t.contiguous() for n, t in v.items()} for k, v in tiny_zimage_parts(seed).items()}
+    parts = tiny_zimage_parts(seed)
     qwen_tokenizer_files(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
     name = "z_image_turbo_tiny" if turbo else "z_image_base_tiny"
+    models = root / "models"
     if layout == "checkpoint":
-        path = root / "models" / "checkpoints" / f"{name}_aio.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.diffusion_model.{k}": v for k, v in parts["transformer"].items()}
         tensors.update({f"text_encoders.qwen3_4b.transformer.{k}": v for k, v in parts["qwen3"].items()})
         tensors.update({f"vae.{k}": v for k, v in parts["ae"].items()})
-        save_file(tensors, str(path))
-        return path
-    models = root / "models"
-    for folder, file, key in (("diffusion_models", f"{name}.safetensors", "transformer"),
-                              ("text_encoders", "qwen_3_4b.safetensors", "qwen3"), ("vae", "ae.safetensors", "ae")):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        save_file(parts[key], str(models / folder / file))
+        save_parts(models, {("checkpoints", f"{name}_aio.safetensors"): tensors})
+        return models / "checkpoints" / f"{name}_aio.safetensors"
+    save_parts(models, {("diffusion_models", f"{name}.safetensors"): parts["transformer"],
+                        ("text_encoders", "qwen_3_4b.safetensors"): parts["qwen3"], ("vae", "ae.safetensors"): parts["ae"]})
     return models / "diffusion_models" / f"{name}.safetensors"
 
 
