@@ -326,24 +326,29 @@ def test_ctrl_c_between_accumulated_batches_resumes_exactly(sd1_checkpoint, data
 
 def test_the_graph_ready_step_trains_the_same_lora_as_the_plain_loop(tmp_path, sd1_checkpoint, dataset, caplog):
     """cuda_graphs: on runs the captured step's code (static buffers, tensor learning rates, warm-up steps that
-    are undone, fused update order) eagerly on the CPU: its LoRA must equal the plain loop's."""
+    are undone, fused update order) eagerly on the CPU: its LoRA must equal the plain loop's. With gradient
+    checkpointing too: it no longer rules the captured step out (its blocks recompute without the random state)."""
     from lora_trainer.lora.kohya import read_lora_file
     from lora_trainer.train.loop import train_lora
 
     caplog.set_level("INFO", logger="lora_trainer")
     results = {}
-    for mode in ("off", "on"):
-        config = quick_config(sd1_checkpoint, dataset, tmp_path / mode, cuda_graphs=mode, max_steps=5,
-                              lr_scheduler="cosine", lr_warmup_steps=2, min_snr_gamma=5.0)
+    for mode, checkpointing in (("off", False), ("on", False), ("on", True)):
+        config = quick_config(sd1_checkpoint, dataset, tmp_path / f"{mode}{checkpointing}", cuda_graphs=mode,
+                              max_steps=5, lr_scheduler="cosine", lr_warmup_steps=2, min_snr_gamma=5.0,
+                              gradient_checkpointing=checkpointing)
         result = train_lora(config)
-        results[mode] = (read_lora_file(result.lora_file)[0], result.losses)
-    assert "the graph-ready step runs eagerly" in caplog.text
-    plain, graph_ready = results["off"][0], results["on"][0]
-    assert plain.keys() == graph_ready.keys()
-    for key in plain:
-        torch.testing.assert_close(graph_ready[key], plain[key], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graph_ready.items() if "lora_up" in k)
-    assert [s for s, _ in results["on"][1]] == [s for s, _ in results["off"][1]]
+        results[mode, checkpointing] = (read_lora_file(result.lora_file)[0], result.losses)
+        if mode == "on":
+            assert "the graph-ready step runs eagerly" in caplog.text
+        caplog.clear()
+    plain = results["off", False][0]
+    for graph_ready, losses in (results["on", False], results["on", True]):
+        assert plain.keys() == graph_ready.keys()
+        for key in plain:
+            torch.testing.assert_close(graph_ready[key], plain[key], rtol=1e-4, atol=1e-6)
+        assert [s for s, _ in losses] == [s for s, _ in results["off", False][1]]
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in plain.items() if "lora_up" in k)
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
@@ -380,10 +385,30 @@ def test_why_a_step_is_or_is_not_captured():
     assert wanted(processes=2)[:2] == (True, True)  # one all-reduce inside the graph (test_multiprocess.py)
     assert wanted(precision="fp16")[:2] == (True, True)  # a loss scale on the device
     for blocker, text in (({"te": True}, "text-encoder"), ({"optimizer": "prodigy"}, "prodigy"),
-                          ({"gradient_accumulation_steps": 2}, "accumulation"), ({"lora_dropout": 0.1}, "dropout"),
-                          ({"gradient_checkpointing": True}, "checkpointing")):
+                          ({"gradient_accumulation_steps": 2}, "accumulation"), ({"lora_dropout": 0.1}, "dropout")):
         use, _, why = wanted(**blocker)
         assert not use and text in why, blocker
+    assert wanted(gradient_checkpointing=True)[:2] == (True, True)  # the backbones say when it cannot be captured
+
+
+def test_checkpointing_recomputes_without_the_random_state_unless_dropout_draws(sd1_checkpoint, monkeypatch):
+    """A captured CUDA graph cannot read the random state: checkpointed blocks must not save it, unless dropout
+    needs the same masks in the recompute (then the backbone names the reason it is not captured)."""
+    from lora_trainer.backbones.sd import DiffusionBackbone
+    from lora_trainer.lora.inject import add_lora
+    from lora_trainer.memory.checkpointing import enable_checkpointing
+
+    for dropout, captured in ((0.0, True), (0.1, False)):
+        unet = DiffusionBackbone.from_file(sd1_checkpoint).unet
+        params = add_lora(unet, unet_targets := [n for n, m in unet.named_modules() if n.endswith("attn1.to_q")],
+                          4, 4, dropout)
+        assert unet_targets and enable_checkpointing(unet) is captured
+        with monkeypatch.context() as patch:
+            if captured:  # torch's checkpoint reads the CPU state (and the CUDA one) only to restore it
+                patch.setattr(torch, "get_rng_state", lambda: pytest.fail("the random state was read"))
+            noisy = torch.randn(1, 4, 8, 8)
+            unet(noisy, torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)).sample.mean().backward()
+        assert all(p.grad is not None for p in params)
 
 
 def test_the_graph_ready_step_scales_the_fp16_loss_on_the_device():

@@ -244,10 +244,12 @@ class CausalLMBackbone:
         return [self.model]
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """A captured step needs rows of a few fixed lengths and plain (not 4-bit) weights."""
-        if config.load_in_4bit:
-            return ["4-bit weights"]
-        return [] if config.packing else ["without packing every batch has its own length (set packing: true)"]
+        """A captured step needs rows of a few fixed lengths, plain (not 4-bit) weights, and no checkpointing
+        (transformers' restores the random state for its attention dropout, which capture refuses)."""
+        reasons = ["4-bit weights"] if config.load_in_4bit else []
+        if config.gradient_checkpointing:
+            reasons.append("gradient checkpointing")
+        return reasons + ([] if config.packing else ["without packing every batch has its own length (set packing: true)"])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The examples' token rows, padded to the longest (no random draws)."""

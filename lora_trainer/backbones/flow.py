@@ -31,6 +31,7 @@ from lora_trainer.data.cache import assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
+from lora_trainer.memory.checkpointing import enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,9 @@ class FlowBackbone:
             p.data = p.data.float()
         if self.run["dtype"] != torch.float32:
             keep_lora_input_dtype(self.transformer)
+        self.run["checkpointing_captured"] = True
         if config.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            self.run["checkpointing_captured"] = enable_checkpointing(self.transformer)
         return [{"params": params, "lr": config.learning_rate}]
 
     def trained_modules(self) -> list[torch.nn.Module]:
@@ -229,8 +231,8 @@ class FlowBackbone:
         return torch.compiler.set_stance("force_eager")
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """Nothing beyond the loop's own reasons."""
-        return []
+        """Checkpointing that must restore the random state (dropout) or that diffusers before 0.32 does its own way."""
+        return [] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), captions (dropped by draws from `gen`), noise and times (from

@@ -41,6 +41,7 @@ from lora_trainer.lora.kohya import (
     save_lora_file,
     to_kohya,
 )
+from lora_trainer.memory.checkpointing import enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +357,9 @@ class DiffusionBackbone:
                 p.data = p.data.float()
         if self.run["dtype"] != torch.float32 and self.run["device"].type in ("cuda", "cpu"):
             keep_lora_input_dtype(self.unet, *self.text_encoders)  # every forward there runs under autocast
+        self.run["checkpointing_captured"] = True
         if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.run["checkpointing_captured"] = enable_checkpointing(self.unet)
             for encoder in self.text_encoders if te_train else ():
                 encoder.gradient_checkpointing_enable()
         return groups
@@ -371,8 +373,10 @@ class DiffusionBackbone:
         return torch.compile(network)
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """Text-encoder training runs outside the captured step."""
-        return ["text-encoder training"] if self.run["te_train"] else []
+        """Text-encoder training runs outside the captured step; so does checkpointing that must restore the random
+        state (dropout) or that diffusers before 0.32 does its own way."""
+        return (["text-encoder training"] if self.run["te_train"] else []) + \
+            ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), noise and timesteps (from `device_gen`), the noised latents,

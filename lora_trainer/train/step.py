@@ -131,8 +131,6 @@ def graphs_wanted(config: TrainConfig, device: torch.device, *, num_processes: i
         reasons.append("gradient accumulation")
     if config.lora_dropout:
         reasons.append("LoRA dropout")
-    if config.gradient_checkpointing:
-        reasons.append("gradient checkpointing")
     reasons += blockers
     if reasons:
         return False, False, "not captured: " + ", ".join(reasons)

@@ -1,0 +1,35 @@
+"""Gradient checkpointing that a CUDA graph can capture.
+
+torch's checkpoint saves the CUDA random state before each block and restores it for the recompute
+(`preserve_rng_state`), so that dropout draws the same masks twice. Reading that state is refused while a CUDA
+graph is being captured, which is why checkpointing used to turn the captured step off. A forward that draws no
+random numbers (no active dropout: the image families' default, where LoRA dropout is 0) needs no saved state,
+so its blocks are checkpointed without it and the step stays captured.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def draws_random(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward has dropout that draws random masks (peft's LoRA dropout included)."""
+    return any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
+
+
+def enable_checkpointing(model: torch.nn.Module) -> bool:
+    """Turn on a diffusers model's gradient checkpointing; True when its step can still be captured as a CUDA graph
+    (the forward draws no random numbers and this diffusers takes our checkpoint function: 0.32 and later)."""
+    preserve = draws_random(model)
+
+    def run(block, *args, **kwargs):
+        return checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=preserve, **kwargs)
+
+    if "gradient_checkpointing_func" in inspect.signature(model.enable_gradient_checkpointing).parameters:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=run)
+        return not preserve
+    model.enable_gradient_checkpointing()  # diffusers before 0.32 calls torch's checkpoint itself, saving the state
+    return False
