@@ -5,7 +5,7 @@ encoders in `models/text_encoders`, the autoencoder in `models/vae`), as all-in-
 folders. A family names the parts it needs (`Part`: what the part is, how its keys look, what its file is
 usually called); `find_parts` gathers them from the config's paths, the base file itself and the folders beside
 it, and says exactly which file is missing before anything is loaded. Weights stored as fp8 (plain, or ComfyUI's
-"scaled fp8" with per-tensor scales) are read back in bf16 here; training on fp8 storage is another matter.
+"scaled fp8" with per-tensor scales) are read back in bf16 here, their scales noted for `store_in_fp8`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_trainer.backbones.checkpoint import PICKLE_SUFFIXES
 from lora_trainer.errors import CheckpointError
+from lora_trainer.memory.fp8 import dequantized
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,12 @@ def safetensors_keys(path: Path) -> list[str]:
                               "probably truncated or not a model; download it again.") from None
 
 
-def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
+                 fp8_scales: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of `path` under `prefix` (removed from their names), fp8 ones dequantized to `dtype` (bf16 by
-    default) with their per-tensor scales; other tensors keep their stored dtype, or take `dtype` when given."""
+    default) with their per-tensor scales, as ComfyUI does it; other tensors keep their stored dtype, or take
+    `dtype` when given. `fp8_scales` collects each dequantized weight's scale by its storage's address, so that
+    `store_in_fp8` can give the file's fp8 values back exactly."""
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -76,8 +80,10 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None)
                     base = key.removesuffix(".weight")
                     scale = next((f.get_tensor(s) for s in (f"{base}.scale_weight", f"{base}.weight_scale")
                                   if s in scales), None)
-                    tensor = tensor.to(torch.float32) * (scale.float() if scale is not None else 1.0)
-                    tensor = tensor.to(dtype or torch.bfloat16)
+                    scale = torch.ones(()) if scale is None else scale.float()
+                    tensor = dequantized(tensor, scale, dtype or torch.bfloat16)
+                    if fp8_scales is not None:
+                        fp8_scales[tensor.untyped_storage().data_ptr()] = scale
                 elif dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 out[key[len(prefix):]] = tensor

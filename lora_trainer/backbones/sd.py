@@ -42,6 +42,7 @@ from lora_trainer.lora.kohya import (
     to_kohya,
 )
 from lora_trainer.memory.checkpointing import enable_checkpointing
+from lora_trainer.memory.fp8 import store_in_fp8
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,9 @@ class DiffusionBackbone:
             encoder.requires_grad_(False)
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         self.unet.requires_grad_(False)
+        if config.base_weights == "fp8":
+            stored = store_in_fp8([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], device)
+            log.info("Base weights: %.2f B of the UNet's weights in fp8 on the GPU.", stored / 1e9)
         _place(self.unet, device, dtype)
         # text conditioning: cached once unless captions change per step or the text encoder trains
         run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]

@@ -265,7 +265,8 @@ def _check_width(path: Path, prefix: str, encoder: Found) -> None:
 def _adapter_hook(down: torch.Tensor, up: torch.Tensor):
     """A forward hook that takes a merged LoRA's update (up @ down) back out of a linear layer's output."""
     def hook(module, args, output):
-        return output - F.linear(F.linear(args[0], down), up)
+        x = args[0]
+        return output - F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
     return hook
 
 
@@ -278,7 +279,7 @@ class ZImageBackbone(FlowBackbone):
     compile_pays_after = 200  # H200, 1024 px: 29 s to compile, 0.152 s saved a step (1.67 -> 2.25 steps/s)
     # tokens every cached caption is padded to: a multiple of 32, the longest caption's (`prepare`)
     caption_room: int = field(default=SEQ_MULTIPLE, init=False)
-    # a merged training adapter: (linear layer, down, up scaled) each, to take it out of previews
+    # a merged training adapter: (linear layer's name, down, up scaled) each, to take it out of previews
     adapter: list = field(default_factory=list, init=False, repr=False)
 
     @classmethod
@@ -312,12 +313,13 @@ class ZImageBackbone(FlowBackbone):
             found = find_parts(path, keys, PARTS, "Z-Image", given=config.text_encoders, vae=config.vae)
             _check_width(path, prefix, found[QWEN3.name])
             tokenizer = qwen_tokenizer(config.tokenizers, path, "Z-Image")  # before the slow loading: a missing tokenizer fails at once
-            transformer = transformer_from_file(read_weights(path, prefix), layout)
+            scales: dict = {}
+            transformer = transformer_from_file(read_weights(path, prefix, fp8_scales=scales), layout)
             text_encoder = qwen3_from_state(read_weights(found[QWEN3.name].path, found[QWEN3.name].prefix))
             vae_part = found[PARTS[1].name]
             vae = flux.vae_from_state(read_weights(vae_part.path, vae_part.prefix))
             backbone = cls(family="zimage", transformer=transformer, vae=vae, text_encoders=[text_encoder],
-                           tokenizers=[tokenizer], name=path.stem, variant=variant_of(path.stem))
+                           tokenizers=[tokenizer], name=path.stem, variant=variant_of(path.stem), fp8_scales=scales)
         if adapter:
             if backbone.variant != "turbo":
                 log.warning("training_adapter is made for Z-Image-Turbo; %s looks like %s by its name.",
@@ -354,16 +356,17 @@ class ZImageBackbone(FlowBackbone):
                     raise CheckpointError(f"training_adapter {path} does not fit this model: {name} is "
                                           f"{tuple(layer.weight.shape)}, the adapter's update {(up.shape[0], down.shape[1])}.")
                 layer.weight.data = (layer.weight.float() + up @ down).to(layer.weight.dtype)
-                self.adapter.append((layer, down, up))
+                self.adapter.append((name, down, up))
         log.info("Merged the training adapter %s (%d layers) into the transformer.", Path(path).name, len(modules))
 
     @contextmanager
     def adapter_removed(self) -> Iterator[None]:
         """The transformer as if the training adapter were not merged (its update subtracted from each layer's
         output), for previews of what the LoRA does on the model it is made for."""
-        hooks = [layer.register_forward_hook(_adapter_hook(down.to(layer.weight.device, layer.weight.dtype),
-                                                           up.to(layer.weight.device, layer.weight.dtype)))
-                 for layer, down, up in self.adapter]
+        # looked up by name: the layer may since be held in fp8 (base_weights) or wrapped in the LoRA
+        layers = [(self.transformer.get_submodule(name), down, up) for name, down, up in self.adapter]
+        device = next(self.transformer.parameters()).device
+        hooks = [layer.register_forward_hook(_adapter_hook(down.to(device), up.to(device))) for layer, down, up in layers]
         try:
             yield
         finally:

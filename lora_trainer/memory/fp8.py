@@ -1,0 +1,144 @@
+"""Frozen linear layers stored in fp8: each dequantizes its weight for its own matmul; the LoRA adds its own path.
+
+A model held so takes one byte per weight instead of two (Flux.1-dev: 12 GB instead of 24), and never a
+full-precision copy of itself: one layer's weight exists in the compute dtype only while that layer multiplies.
+
+Written here rather than taken from torchao or diffusers, because of the backward pass. torchao's
+`Float8WeightOnlyConfig` linear and diffusers' GGUF linear both let autograd save the dequantized bf16 weight of
+every layer for the backward pass (measured on the CPU: about 24 GB more for Flux.1), which is the memory this is
+for. A plain autograd.Function that dequantizes again in backward avoids it eagerly, but torch.compile merges its
+two dequantizations and saves the copy again. So the matmul and its input gradient are two custom ops, opaque to
+the compiler: the forward saves only the stored bytes, the backward dequantizes them again. No weight gradient:
+the base is frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest magnitude
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 values times their scale (one, or one per row), in `dtype`; the scale is rounded to `dtype` first, as
+    ComfyUI's scaled-fp8 layers do it."""
+    return weight.to(dtype) * scale.to(dtype)
+
+
+@torch.library.custom_op("lora_trainer::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ (weight * scale).T + bias`, the weight dequantized to x's dtype for this matmul only."""
+    return F.linear(x, dequantized(weight, scale, x.dtype), bias)
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lora_trainer::fp8_linear_input_grad", mutates_args=())
+def fp8_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The gradient of `fp8_linear` for its input: `grad @ (weight * scale)`, dequantized again."""
+    return grad @ dequantized(weight, scale, grad.dtype)
+
+
+@fp8_linear_input_grad.register_fake
+def _(grad, weight, scale):
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
+def _keep_bytes(ctx, inputs, output) -> None:
+    _, weight, scale, _ = inputs
+    ctx.save_for_backward(weight, scale)  # the stored bytes (already held by the layer): nothing new is kept
+
+
+def _input_grad(ctx, grad):
+    weight, scale = ctx.saved_tensors
+    return fp8_linear_input_grad(grad, weight, scale) if ctx.needs_input_grad[0] else None, None, None, None
+
+
+fp8_linear.register_autograd(_input_grad, setup_context=_keep_bytes)
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A frozen linear layer whose weight is stored as fp8 (e4m3fn) with a scale per tensor or per row.
+
+    The bytes are kept as uint8: a model's `.to(dtype)` casts every floating-point tensor and would turn them into a
+    full-precision copy, and peft (which reads `weight.dtype`) would make the LoRA fp8. `compute_dtype` is what peft
+    keeps this layer's LoRA in (it asks quantized layers for it).
+    """
+
+    compute_dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.view(torch.uint8))
+        self.register_buffer("scale", scale.float())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear, device: torch.device, stored_scale: torch.Tensor | None = None) -> Fp8Linear:
+        """`linear`'s weight quantized on `device` (see `quantize`)."""
+        weight, scale = quantize(linear.weight.detach().to(device), stored_scale)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        return cls(weight, scale, bias)
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model, casts do not reach the scale (the bytes are uint8, which casts skip)."""
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return fp8_linear(x.to(dtype), self.weight.view(FP8), self.scale, bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the layer multiplies with it."""
+        return dequantized(self.weight.view(FP8), self.scale, dtype)
+
+
+def quantize(weight: torch.Tensor, stored_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 values and their scale for a weight. A weight read from an fp8 file with `stored_scale` (1 for a plain
+    fp8 file) gets its stored values back exactly; any other gets one scale per row (its largest magnitude maps to
+    448), the scales rounded to bf16 so that dequantizing in bf16 rounds once."""
+    if stored_scale is not None:
+        scale = stored_scale.to(weight.device, torch.float32)
+        q = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        if torch.equal(dequantized(q, scale, weight.dtype), weight):
+            return q, scale
+    w = weight.float()
+    rows = w.abs().amax(dim=1, keepdim=True)
+    scale = (rows / FP8_MAX).to(torch.bfloat16).float().clamp(min=torch.finfo(torch.bfloat16).tiny)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def store_in_fp8(blocks: Iterable[torch.nn.Module], device: torch.device,
+                 stored_scales: Mapping[int, torch.Tensor] | None = None) -> int:
+    """Every linear layer inside `blocks` replaced by an Fp8Linear quantized on `device`, one layer at a time (never
+    the whole model in full precision on the device); returns how many weights are now stored in fp8.
+
+    `stored_scales` (from `read_weights`) holds the scale of each weight that was read from fp8, by the address of
+    its storage, so that those weights get their file's values back; a scale that does not reproduce the weight
+    exactly is not used.
+    """
+    count = 0
+    stored_scales = stored_scales or {}
+    for block in blocks:
+        for name, module in list(block.named_modules()):
+            if type(module) is torch.nn.Linear:
+                parent, _, leaf = name.rpartition(".")
+                stored = stored_scales.get(module.weight.untyped_storage().data_ptr())
+                setattr(block.get_submodule(parent) if parent else block, leaf, Fp8Linear.of(module, device, stored))
+                count += module.weight.numel()
+    return count

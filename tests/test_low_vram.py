@@ -1,0 +1,139 @@
+"""Low VRAM: frozen weights held in fp8 (quantized on load, or kept as an fp8 file stores them), and what a run
+trained so gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quick_config, transformer_config
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.backbones.flux import FluxBackbone
+from lora_trainer.backbones.sd import DiffusionBackbone
+from lora_trainer.backbones.tiny_flow import build_tiny_flux
+from lora_trainer.config import resolve
+from lora_trainer.lora.kohya import read_lora_file
+from lora_trainer.memory.fp8 import FP8, Fp8Linear, quantize
+from lora_trainer.train.loop import train_lora
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("flux"))
+
+
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The frozen layer under a LoRA wrapper (or the layer itself)."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def saved_into(saved: list) -> callable:
+    """A saved-tensors pack hook that records what autograd keeps for the backward pass."""
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+    return pack
+
+
+def test_an_fp8_layer_multiplies_with_its_dequantized_weight_and_saves_only_its_bytes():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Fp8Linear.of(linear, torch.device("cpu"))
+    assert layer.weight.dtype == torch.uint8 and layer.scale.shape == (48, 1)  # one scale per row
+    torch.testing.assert_close(layer.dequantized(), linear.weight, rtol=0.07, atol=1e-3)
+    for module, keeps_input in ((linear, True), (layer, False)):  # a plain layer saves its input, ours only its bytes
+        x = torch.randn(3, 5, 64, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(saved_into(saved), lambda t: t):
+            out = module(x)
+        kept = sorted((str(t.dtype), t.numel()) for t in saved)
+        if keeps_input:
+            assert ("torch.float32", x.numel()) in kept
+        else:
+            assert kept == [("torch.float32", 48), ("torch.float8_e4m3fn", 48 * 64)]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    weight = layer.dequantized()
+    torch.testing.assert_close(out, F.linear(x, weight, linear.bias), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-6, atol=1e-6)
+    compiled_x = x.detach().requires_grad_()
+    torch.compile(layer, backend="aot_eager")(compiled_x).backward(grad)  # the compiler sees two opaque ops
+    torch.testing.assert_close(compiled_x.grad, x.grad, rtol=0, atol=0)
+
+
+def test_casting_a_model_moves_the_fp8_bytes_but_never_converts_them():
+    layer = Fp8Linear.of(torch.nn.Linear(16, 8), torch.device("cpu"))
+    before = layer.weight.clone(), layer.scale.clone()
+    model = torch.nn.Sequential(layer).to(torch.bfloat16)
+    assert torch.equal(model[0].weight, before[0]) and torch.equal(model[0].scale, before[1])
+    assert model[0].scale.dtype == torch.float32 and model[0].bias.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 16)).dtype == torch.bfloat16
+
+
+def test_weights_read_from_fp8_files_get_their_stored_values_back():
+    torch.manual_seed(0)
+    stored = (torch.randn(32, 16) * 40).to(FP8)
+    for scale in (torch.ones(()), torch.tensor(0.0123)):  # a plain fp8 file; ComfyUI's scaled fp8
+        as_read = stored.to(torch.bfloat16) * scale.to(torch.bfloat16)
+        values, kept = quantize(as_read, scale)
+        assert torch.equal(values.view(torch.uint8), stored.view(torch.uint8)) and kept.numel() == 1
+    values, kept = quantize(as_read, torch.tensor(0.5))  # a scale that does not reproduce it is not used
+    assert kept.shape == (32, 1)
+
+
+def train_and_keep(config, backbone):
+    result = train_lora(config, backbone=backbone)
+    return result, read_lora_file(result.lora_file)[0]
+
+
+def test_sd_trains_on_an_fp8_unet_with_checkpointing_and_the_same_lora_keys(sd1_checkpoint, dataset, tmp_path):
+    runs = {}
+    for weights in ("full", "fp8"):
+        config = quick_config(sd1_checkpoint, dataset, tmp_path / weights, base_weights=weights, max_steps=6,
+                              gradient_checkpointing=True, cuda_graphs="on")
+        backbone = DiffusionBackbone.load(resolve(config, "sd1"), None)
+        runs[weights] = (*train_and_keep(config, backbone), backbone)
+    (full, full_lora, _), (fp8, fp8_lora, backbone) = runs["full"], runs["fp8"]
+    layers = [m for m in backbone.unet.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) > 10 and all(type(base_layer(m)) is not torch.nn.Linear
+                                    for n, m in backbone.unet.named_modules() if n.endswith("attn1.to_q"))
+    assert fp8_lora.keys() == full_lora.keys()
+    assert all(v.dtype == torch.float32 for v in fp8_lora.values())  # the LoRA trains in full precision
+    changed = [k for k in fp8_lora if "lora_up" in k and fp8_lora[k].abs().max() > 0]
+    assert changed
+    # quantizing the base moves the LoRA a little: within 10% of its largest weight after 6 steps here
+    largest = max(v.abs().max() for v in full_lora.values())
+    assert max((fp8_lora[k] - full_lora[k]).abs().max() for k in full_lora) < 0.1 * largest
+    for (step, a), (_, b) in zip(full.losses, fp8.losses):
+        assert abs(a - b) < 0.05 * abs(a) + 1e-3, step
+
+
+def test_flux_fp8_files_train_on_their_stored_bytes_and_bf16_files_stay_bf16(flux, dataset, tmp_path):
+    weights = load_file(str(flux))
+    stored, scales = {}, {}
+    for key, value in weights.items():
+        if key.endswith(".weight") and value.ndim == 2:  # ComfyUI's scaled fp8: a per-tensor scale beside each
+            scales[key] = value.abs().max().float() / 448
+            stored[key] = (value.float() / scales[key]).to(FP8)
+            stored[key.removesuffix(".weight") + ".scale_weight"] = scales[key].reshape(1)
+        else:
+            stored[key] = value
+    fp8_file = flux.with_name("flux1-dev-tiny-fp8-scaled.safetensors")
+    save_file({"scaled_fp8": torch.zeros(0, dtype=FP8), **stored}, str(fp8_file))
+    for path, weights_setting, held_in_fp8 in ((fp8_file, "auto", True), (fp8_file, "full", False),
+                                               (flux, "auto", False), (flux, "fp8", True)):
+        config = transformer_config(path, dataset, tmp_path / f"{path.stem}-{weights_setting}", max_steps=2,
+                                    base_weights=weights_setting)
+        backbone = FluxBackbone.load(config, None)
+        result, lora = train_and_keep(config, backbone)
+        layer = base_layer(backbone.transformer.get_submodule("single_transformer_blocks.0.proj_out"))
+        assert isinstance(layer, Fp8Linear) is held_in_fp8, (path.name, weights_setting)
+        assert result.lora_file.is_file() and any(k.endswith("lora_down.weight") for k in lora)
+        if held_in_fp8 and path == fp8_file:  # the file's own fp8 values and scale, exactly
+            key = "single_blocks.0.linear2.weight"
+            assert torch.equal(layer.weight, stored[key].view(torch.uint8))
+            assert torch.equal(layer.scale.reshape(()), scales[key])
+        if held_in_fp8:
+            assert not isinstance(backbone.transformer.x_embedder, Fp8Linear)  # only the repeated blocks
