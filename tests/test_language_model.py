@@ -187,6 +187,8 @@ def test_bad_inputs_get_clear_messages(tiny_lm, corpus, tmp_path):
         train_lora(lm_config(tmp_path / "nowhere", corpus, tmp_path / "o"))
     with pytest.raises(ConfigError, match="context"):
         train_lora(lm_config(tiny_lm, corpus, tmp_path / "o", max_seq_length=4096))
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        train_lora(lm_config(tiny_lm, corpus, tmp_path / "o", base_weights="fp8"))
     with pytest.raises(ConfigError, match="not found in this model.*q_proj"):
         train_lora(lm_config(tiny_lm, corpus, tmp_path / "o", target_modules="c_attn"))
     empty = tmp_path / "empty"

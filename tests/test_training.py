@@ -208,6 +208,8 @@ def test_host_unet_is_shared_not_copied_and_left_bit_identical(sd1_checkpoint, d
     assert read_lora_file(result.lora_file)[1]["ss_sd_model_name"] == "host"
     with pytest.raises(ConfigError, match="train_text_encoder"):
         train_lora(quick_config("", dataset, tmp_path / "te", base_model="", train_text_encoder=True), backbone=backbone())
+    with pytest.raises(ConfigError, match="base_weights: fp8 is for models loaded from files"):
+        train_lora(quick_config("", dataset, tmp_path / "fp8", base_model="", base_weights="fp8"), backbone=backbone())
 
     failing = backbone()
     calls = {"n": 0}

@@ -187,6 +187,9 @@ class CausalLMBackbone:
         _check_transformers()
         from transformers import AutoConfig
 
+        if config.base_weights == "fp8":
+            raise ConfigError("base_weights: fp8 is for image models; a language model's base is made smaller with "
+                              "load_in_4bit: true. Set base_weights: auto.")
         folder = _model_folder(config)
         tokenizer = _tokenizer(folder)
         model_config = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from lora_trainer.backbones import ldm, weights_identity
 from lora_trainer.backbones.sd import DiffusionBackbone
+from lora_trainer.errors import ConfigError
 
 
 @dataclass
@@ -49,6 +50,15 @@ class HostBackbone(DiffusionBackbone):
                    prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr, name=name,
                    image_encoder=encode_images, prompt_encoder=encode_prompts, release=release,
                    image_decoder=decode_images, encoder_id=encoder_id)
+
+    def prepare(self, config, data, accelerator, bus):
+        """As for a file, once `base_weights: fp8` is refused: the host's weights stay where the host keeps them, so
+        an fp8 copy would add to the memory it is meant to save."""
+        if config.base_weights == "fp8":
+            raise ConfigError("base_weights: fp8 is for models loaded from files. Inside a host the LoRA trains on "
+                              "the host's loaded model as the host holds it (an fp8 copy would add to its memory, not "
+                              "replace it). Set base_weights: auto, or train from the model's file.")
+        return super().prepare(config, data, accelerator, bus)
 
     def identity(self) -> str:
         """The latent cache's key: the shared UNet's weights and the host's image encoder (`encoder_id`)."""
