@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.bench.measure import lora_difference, synthetic_photos, wait_for_device
+from lora_trainer.bench.measure import lora_difference, loss_gap, memory_cap, synthetic_photos, wait_for_device
 
 
 def _real_models(device: torch.device, build) -> tuple:
@@ -128,8 +128,10 @@ def tame(model: torch.nn.Module) -> None:
 BUILDERS = {"flux1": real_flux1, "zimage": real_zimage, "klein4b": real_klein4b}
 
 
-def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **options) -> dict:
-    """Our trainer on `backbone`: steps/s after 5 warm steps, peak memory of the training part."""
+def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, vram_gib: float | None = None,
+          **options) -> dict:
+    """Our trainer on `backbone`: steps/s after 5 warm steps, peak memory of the training part; at most `vram_gib`
+    of GPU memory (a smaller card)."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
 
@@ -151,13 +153,14 @@ def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, **o
                           "log_every_n_steps": 5, "mixed_precision": "bf16" if device.type == "cuda" else "no",
                           "device": "auto" if device.type == "cuda" else "cpu", "enable_buckets": False,
                           "lora_targets": "locon", **options})
-    trained = train_lora(config, listeners=[on_event], backbone=backbone)
+    with memory_cap(device, vram_gib):
+        trained = train_lora(config, listeners=[on_event], backbone=backbone)
     wait_for_device(device)
     (step0, time0), (step1, time1) = synced[0], synced[-1]
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_5_steps_s": time0 - started[0],
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "lora_file": trained.lora_file}
+              "lora_file": trained.lora_file, "losses": trained.losses}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -182,8 +185,12 @@ def step_flops(backbone, device: torch.device) -> float:
 
 
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
-               peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False) -> dict:
-    """Our trainer, eager and captured (and with checkpointing, and compiled, if asked) on `family`."""
+               peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
+               fp8: bool = False, vram_gib: float | None = None, lean: bool = False) -> dict:
+    """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
+
+    The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
+    `vram_gib` caps the memory of the checkpointing and fp8 rows; `lean` leaves out the eager rows (and the drift)."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -206,16 +213,25 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
 
         options = {} if size == "real" else {"resolution": 64}
         # two eager runs of the same seed give the noise floor of the captured-vs-eager comparison
-        modes = [("eager", {"cuda_graphs": "off", "torch_compile": "off"}),
-                 ("eager again", {"cuda_graphs": "off", "torch_compile": "off"}),
-                 ("captured", {"cuda_graphs": "auto", "torch_compile": "off"})]
-        if checkpointing:
-            modes.append(("checkpointing", {"cuda_graphs": "auto", "torch_compile": "off", "gradient_checkpointing": True}))
+        captured = {"cuda_graphs": "auto", "torch_compile": "off"}
+        modes = [] if lean else [("eager", {"cuda_graphs": "off", "torch_compile": "off"}),
+                                 ("eager again", {"cuda_graphs": "off", "torch_compile": "off"})]
+        modes.append(("captured", captured))
+        low = {"vram_gib": vram_gib}
+        if checkpointing or fp8:
+            modes.append(("checkpointing", {**captured, "gradient_checkpointing": True, **low}))
+        if fp8:
+            modes += [("fp8", {**captured, "base_weights": "fp8", **low}),
+                      ("fp8 + checkpointing", {**captured, "base_weights": "fp8", "gradient_checkpointing": True, **low})]
         if compile_model:
             modes.append(("compiled", {"cuda_graphs": "auto", "torch_compile": "on"}))
         flops = None
         for name, mode in modes:
             model = fresh()
+            if size == "real" and mode.get("base_weights") == "fp8":
+                for module in (model.transformer, model.vae, *model.text_encoders):
+                    module.to("cpu")  # as loaded from a file: the transformer goes to the GPU layer by layer, in fp8
+                torch.cuda.empty_cache()
             if size != "real":
                 options["base_model"] = str(model)
                 model = None
@@ -224,13 +240,18 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
                 flops = step_flops(model, torch_device)
             del model
             gc.collect()
-        drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"])
-        noise_floor = lora_difference(rows["eager"]["lora_file"], rows.pop("eager again")["lora_file"])
+        drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"]) if not lean else None
+        noise_floor = lora_difference(rows["eager"]["lora_file"], rows.pop("eager again")["lora_file"]) \
+            if not lean else None
         compiled_drift = lora_difference(rows["eager"]["lora_file"], rows["compiled"]["lora_file"]) \
             if "compiled" in rows else None
+        fp8_drift = lora_difference(rows["checkpointing"]["lora_file"], rows["fp8 + checkpointing"]["lora_file"]) \
+            if fp8 else None
+        fp8_gap = loss_gap(rows["checkpointing"]["losses"], rows["fp8 + checkpointing"]["losses"]) if fp8 else None
     report = {"family": family, "size": size, "device": str(torch_device), "resolution": 1024, "batch": 1,
               "tflop_per_step": round(flops / 1e12, 2) if flops else None, "captured_vs_eager_lora_difference": drift,
               "eager_vs_eager_lora_difference": noise_floor, "compiled_vs_eager_lora_difference": compiled_drift,
+              "fp8_vs_full_lora_difference": fp8_drift, "fp8_vs_full_loss_gap": fp8_gap, "vram_gib_cap": vram_gib,
               "rows": [{"trainer": f"lora_trainer, {name}", "steps_per_s": round(r["steps_per_s"], 3),
                         "first_5_steps_s": round(r["first_5_steps_s"], 1),
                         "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),

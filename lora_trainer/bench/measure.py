@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,26 @@ def lora_difference(first: Path, second: Path) -> float:
     a, b = load_file(str(first)), load_file(str(second))
     biggest = max(float(t.float().abs().max()) for k, t in a.items() if k.endswith("weight"))
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k.endswith("weight")) / biggest
+
+
+def loss_gap(first: list[tuple[int, float]], second: list[tuple[int, float]]) -> float:
+    """How far apart two runs' logged losses are: the mean of |a - b| / |a| over the steps both logged."""
+    theirs = dict(second)
+    gaps = [abs(a - theirs[step]) / max(abs(a), 1e-12) for step, a in first if step in theirs]
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
+@contextlib.contextmanager
+def memory_cap(device: torch.device, gib: float | None):
+    """A smaller card emulated on a big one: this process may allocate at most `gib` GiB of the GPU's memory
+    (torch's per-process fraction; the allocator raises out-of-memory beyond it)."""
+    if device.type != "cuda" or not gib:
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

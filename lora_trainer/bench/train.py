@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.bench.levers import bench_levers, plain_diffusers_loop
-from lora_trainer.bench.measure import lora_difference, synthetic_photos, wait_for_device
+from lora_trainer.bench.measure import lora_difference, loss_gap, memory_cap, synthetic_photos, wait_for_device
 
 
 def real_shape_checkpoint(path: Path, family: str) -> Path:
@@ -91,8 +91,10 @@ def _host_backbone(checkpoint: Path, device: torch.device):
 
 def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batch: int, steps: int,
                   device: torch.device, cuda_graphs: str, host: bool = False, checkpointing: bool = False,
-                  tag: str = "", precision: str = "bf16", compile_unet: bool = False) -> dict:
-    """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory."""
+                  tag: str = "", precision: str = "bf16", compile_unet: bool = False, extra: dict | None = None,
+                  vram_gib: float | None = None) -> dict:
+    """Our trainer on the benchmark model: steps/s after 10 warm steps, time to the first step, peak memory; `extra`
+    config values; at most `vram_gib` of GPU memory (a smaller card)."""
     from lora_trainer.config import make_config
     from lora_trainer.train.loop import train_lora
 
@@ -115,16 +117,18 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
                           "save_every_n_epochs": 0, "torch_compile": compile_unet,
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": precision if device.type == "cuda" else "no", "enable_buckets": False,
-                          "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing})
+                          "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing,
+                          **(extra or {})})
     start = time.perf_counter()
-    trained = train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
+    with memory_cap(device, vram_gib):
+        trained = train_lora(config, listeners=[on_event], backbone=_host_backbone(checkpoint, device) if host else None)
     wait_for_device(device)
     (step0, time0), (step1, time1) = synced[0], synced[-1]
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_step_s": first[0] - start,
               # reserved, not allocated: a CUDA graph's activations live in its own pool, outside "allocated"
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "lora_file": trained.lora_file}
+              "lora_file": trained.lora_file, "losses": trained.losses}
     gc.collect()  # the run's modules sit in reference cycles (peft, accelerate): free them before the next run
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -169,12 +173,15 @@ def _time_processes(processes: int, checkpoint: Path, data: Path, tmp: Path, res
 
 def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
                 peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False,
-                processes: int = 1, levers: bool = False, compile_unet: bool = False) -> dict:
+                processes: int = 1, levers: bool = False, compile_unet: bool = False, fp8: bool = False,
+                lean: bool = False, vram_gib: float | None = None) -> dict:
     """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers.
 
     `processes` > 1 also times the trainer in that many processes (one GPU each; on a CPU, gloo) at `batch`
     images per process; `levers` times each lever of the plain loop on its own, eagerly and captured;
-    `compile_unet` adds a row with `torch_compile: true` (its first step includes the compile).
+    `compile_unet` adds a row with `torch_compile: true` (its first step includes the compile); `fp8` rows with
+    `base_weights: fp8`, with and without checkpointing; `lean` leaves out the host rows; `vram_gib` caps the memory
+    of the checkpointing and fp8 rows (a smaller card emulated).
     """
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
@@ -209,17 +216,26 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
 
         ours = {mode: _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, mode)
                 for mode in ("off", "auto")}
-        ours["host"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto", host=True)
-        # the WebUI keeps its UNet in fp16 and we train it as it is: a loss scale on the GPU, still captured
-        ours["host_fp16"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
-                                          host=True, precision="fp16")
+        if not lean:
+            ours["host"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto", host=True)
+            # the WebUI keeps its UNet in fp16 and we train it as it is: a loss scale on the GPU, still captured
+            ours["host_fp16"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
+                                              host=True, precision="fp16")
         # the noise floor of the captured-vs-eager comparison: two eager runs of the same seed
         ours["off_again"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "off",
                                           tag="-again")
         noise_floor = lora_difference(ours["off"]["lora_file"], ours["off_again"]["lora_file"])
-        if checkpointing:
+        if checkpointing or fp8:
             ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
-                                                  "auto", checkpointing=True)
+                                                  "auto", checkpointing=True, vram_gib=vram_gib)
+        if fp8:
+            for name, with_checkpointing in (("fp8", False), ("fp8_checkpointing", True)):
+                ours[name] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
+                                           checkpointing=with_checkpointing, extra={"base_weights": "fp8"},
+                                           vram_gib=vram_gib, tag=f"-{name}")
+        fp8_drift = lora_difference(ours["checkpointing"]["lora_file"], ours["fp8_checkpointing"]["lora_file"]) \
+            if fp8 else None
+        fp8_gap = loss_gap(ours["checkpointing"]["losses"], ours["fp8_checkpointing"]["losses"]) if fp8 else None
         if compile_unet:
             ours["compiled"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
                                              compile_unet=True)
@@ -234,9 +250,12 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
     rows = []
     for name, result in (("plain eager diffusers + peft", reference), ("lora_trainer, eager step", ours["off"]),
                          ("lora_trainer (cuda_graphs: auto)", ours["auto"]),
-                         ("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
-                         ("lora_trainer on a host's fp16 model (WebUI path, fp16)", ours["host_fp16"]),
-                         *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if checkpointing else ()),
+                         *((("lora_trainer on a host's model (WebUI/ComfyUI path)", ours["host"]),
+                            ("lora_trainer on a host's fp16 model (WebUI path, fp16)", ours["host_fp16"])) if not lean else ()),
+                         *((("lora_trainer, gradient checkpointing", ours["checkpointing"]),) if "checkpointing" in ours else ()),
+                         *((("lora_trainer, base_weights: fp8", ours["fp8"]),
+                            ("lora_trainer, base_weights: fp8 + gradient checkpointing", ours["fp8_checkpointing"]))
+                           if fp8 else ()),
                          *((("lora_trainer, torch_compile: true", ours["compiled"]),) if compile_unet else ()),
                          *(((f"lora_trainer, {processes} processes, eager step (DDP)", multi["off"]),
                             (f"lora_trainer, {processes} processes (cuda_graphs: auto)", multi["auto"]))
@@ -254,6 +273,8 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
               "speedup_vs_eager": round(ours["auto"]["steps_per_s"] / reference["steps_per_s"], 2),
               "captured_vs_eager_lora_difference": drift, "eager_vs_eager_lora_difference": noise_floor,
               "compiled_vs_eager_lora_difference": compiled_drift,
+              # what quantizing the base does, against the same run on the full-precision base (both checkpointed)
+              "fp8_vs_full_lora_difference": fp8_drift, "fp8_vs_full_loss_gap": fp8_gap, "vram_gib_cap": vram_gib,
               "levers": lever_rows}
     if processes > 1:
         report["processes"] = processes
@@ -269,6 +290,9 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
     print(f"LoRA after {steps + 10} steps, captured vs eager step (same seed): largest difference "
           f"{drift:.2e} of the largest weight; two eager runs: {noise_floor:.2e}" +
           (f"; compiled vs eager: {report['compiled_vs_eager_lora_difference']:.2e}" if compile_unet else ""))
+    if fp8:
+        print(f"base_weights: fp8 vs full (both checkpointed): LoRA largest difference {fp8_drift:.2e} of the largest "
+              f"weight, losses {100 * fp8_gap:.2f}% apart on average")
     if processes > 1:
         print(f"{processes} processes (cuda_graphs: auto) vs one: {report['multi_process_speedup_vs_one']}x the images/s; "
               f"LoRA captured vs eager step: {multi_drift:.2e}")

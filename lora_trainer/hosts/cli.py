@@ -225,14 +225,15 @@ def _bench(args: argparse.Namespace) -> int:
         from lora_trainer.bench.flow import bench_flow
 
         bench_flow(family=args.family, steps=args.steps, size=args.size if args.size != "base" else "real",
-                   device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile)
+                   device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile,
+                   fp8=args.fp8, vram_gib=args.vram_gib, lean=args.lean)
         return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
 
         bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
                     device=args.device, out=args.out, checkpointing=args.checkpointing, processes=args.processes,
-                    levers=args.levers, compile_unet=args.compile)
+                    levers=args.levers, compile_unet=args.compile, fp8=args.fp8, lean=args.lean, vram_gib=args.vram_gib)
         return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
@@ -320,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: time each speed lever of the plain loop on its own, eager and captured.")
     bench.add_argument("--compile", action="store_true",
                        help="train: also time our trainer with torch_compile: true (minutes of compiling).")
+    bench.add_argument("--fp8", action="store_true",
+                       help="train: also time base_weights: fp8, with and without gradient checkpointing.")
+    bench.add_argument("--vram-gib", type=float, default=None,
+                       help="train: cap the checkpointing and fp8 rows at this much GPU memory (a smaller card).")
+    bench.add_argument("--lean", action="store_true",
+                       help="train: leave out the host rows (SD) or the eager rows (transformer families).")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
     bench.set_defaults(run=_bench)
 
