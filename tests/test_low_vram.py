@@ -137,3 +137,48 @@ def test_flux_fp8_files_train_on_their_stored_bytes_and_bf16_files_stay_bf16(flu
             assert torch.equal(layer.scale.reshape(()), scales[key])
         if held_in_fp8:
             assert not isinstance(backbone.transformer.x_embedder, Fp8Linear)  # only the repeated blocks
+
+
+def fails_at(backbone, call: int):
+    """Make `backbone`'s UNet run out of GPU memory on its `call`-th prediction, as a too-large step does."""
+    calls = {"n": 0}
+    original = backbone.predict
+
+    def predict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return original(*args, **kwargs)
+
+    backbone.predict = predict
+    return backbone
+
+
+def test_running_out_of_memory_keeps_the_steps_done_and_names_the_levers(sd1_checkpoint, dataset, tmp_path):
+    from lora_trainer.backbones.checkpoint import UNET_PREFIX
+    from lora_trainer.backbones.host import HostBackbone
+    from lora_trainer.backbones.tiny import tiny_state_dict
+    from lora_trainer.errors import TrainingError
+
+    options = {"max_steps": 5, "batch_size": 2}
+    config = quick_config(sd1_checkpoint, dataset, tmp_path / "file", **options)
+    backbone = fails_at(DiffusionBackbone.load(resolve(config, "sd1"), None), 4)
+    with pytest.raises(TrainingError, match=r"Out of GPU memory at step 4 of 5\. The 3 steps done are saved") as error:
+        train_lora(config, backbone=backbone)
+    message = str(error.value)
+    assert "gradient_checkpointing: true" in message and "batch_size: 1" in message and "train --resume" in message
+    saved = sorted((tmp_path / "file" / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == ["step-00000003"]
+    resumed = train_lora(quick_config(sd1_checkpoint, dataset, tmp_path / "file", **options), resume=tmp_path / "file")
+    assert resumed.steps == 5 and resumed.lora_file.is_file()
+
+    # a host's model: untouched, and the message does not offer what a host cannot do (base_weights: fp8)
+    host_unet = {k[len(UNET_PREFIX):]: v for k, v in tiny_state_dict("sd1").items() if k.startswith(UNET_PREFIX)}
+    snapshot = {k: v.clone() for k, v in host_unet.items()}
+    encoders = DiffusionBackbone.from_file(sd1_checkpoint)
+    host = fails_at(HostBackbone.from_ldm_unet(host_unet, "sd1", encode_images=encoders.encode_images,
+                                               encode_prompts=encoders.encode_prompts, name="host"), 1)
+    with pytest.raises(TrainingError, match="at step 1 of") as error:
+        train_lora(quick_config("", dataset, tmp_path / "host", base_model="", gradient_checkpointing=True), backbone=host)
+    assert "base_weights" not in str(error.value) and "saved" not in str(error.value)
+    assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)

@@ -27,6 +27,7 @@ from lora_trainer.backbones import backbone_class
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.events import CancelToken, EventBus, Listener
+from lora_trainer.memory.levers import levers_off
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.step import make_step
 
@@ -66,6 +67,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     bus.emit("start", data_summary=data.summary(), config=to_yaml(config))
     accelerator = _accelerator(config, out_dir / "logs")
     device = accelerator.device
+    given_backbone = backbone is not None  # a host's loaded model
     if backbone is None:
         backbone = kind.load(config, data)
     examples = backbone.prepare(config, data, accelerator, bus)
@@ -149,7 +151,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     losses = LossLog(device, config, bus, writer, result)
     device_gen = torch.Generator(device=device)
     bus.emit("progress", step, total_steps, phase="training")  # the steps start now: progress bars time from here
-    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), writer):
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), writer,
+                       lambda: levers_off(config, in_host=given_backbone)):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt
@@ -227,9 +230,10 @@ class LossLog:
 
 @contextlib.contextmanager
 def stops_cleanly(result: TrainResult, bus: EventBus, cancel: CancelToken, save_interrupted: Callable[[], Path | None],
-                  writer) -> Iterator[None]:
+                  writer, levers: Callable[[], list[str]] = list) -> Iterator[None]:
     """Around a training loop: Ctrl-C (or a cancel from the UI) saves a resumable checkpoint of the steps done and
-    marks the run interrupted, where the caller returns `result`; the command line's Ctrl-C is raised again. Any
+    marks the run interrupted, where the caller returns `result`; the command line's Ctrl-C is raised again. Running
+    out of GPU memory saves the steps done too and becomes a TrainingError naming the `levers` still off. Any
     other error becomes an 'error' event. The TensorBoard `writer` is closed on every way out."""
     try:
         yield
@@ -244,12 +248,35 @@ def stops_cleanly(result: TrainResult, bus: EventBus, cancel: CancelToken, save_
         bus.emit("done", result.steps, result.total_steps, interrupted=True, lora_file=str(result.lora_file))
         if not cancel.is_set():
             raise
+    except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError since 2.5, the same class
+        message = _out_of_memory(result, save_interrupted, levers())
+        log.error("%s (%s)", message, str(exc).splitlines()[0])
+        bus.emit("error", result.steps, result.total_steps, message=message)
+        raise TrainingError(message) from exc
     except Exception as exc:
         bus.emit("error", result.steps, result.total_steps, message=str(exc))
         raise
     finally:
         if writer:
             writer.close()
+
+
+def _out_of_memory(result: TrainResult, save_interrupted: Callable[[], Path | None], levers: list[str]) -> str:
+    """What to tell the user when the GPU ran out of memory mid-run, after saving the steps done (which needs the
+    memory the failed step held: handed back first). The LoRA's weights are those after the last whole step."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    kept = ""
+    if result.steps > 0:
+        try:
+            result.lora_file = save_interrupted()
+            kept = (f" The {result.steps} steps done are saved ({result.lora_file}); after turning a lever on, "
+                    f"continue with train --resume {result.output_dir}.")
+        except Exception as exc:  # noqa: BLE001 - the periodic checkpoints on disk are still there
+            kept = f" Saving the steps done failed too ({exc}); the last periodic checkpoint in {result.output_dir} is kept."
+    fix = ("Turn on " + "; or ".join(levers) + ".") if levers else \
+        "Every memory lever is already on: free the GPU of other programs, or train on a GPU with more memory."
+    return f"Out of GPU memory at step {result.steps + 1} of {result.total_steps}.{kept} {fix}"
 
 
 def periodic_save_due(config: TrainConfig, plan: list, micro: int, step: int, epoch: int) -> bool:
