@@ -3,6 +3,9 @@ trained so gives."""
 
 from __future__ import annotations
 
+import importlib.util
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,3 +185,90 @@ def test_running_out_of_memory_keeps_the_steps_done_and_names_the_levers(sd1_che
         train_lora(quick_config("", dataset, tmp_path / "host", base_model="", gradient_checkpointing=True), backbone=host)
     assert "base_weights" not in str(error.value) and "saved" not in str(error.value)
     assert all(torch.equal(host_unet[k], snapshot[k]) for k in host_unet)
+
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs the gguf package")
+
+
+def q4_k_blocks(rows: int, columns: int, seed: int = 0) -> np.ndarray:
+    """Q4_K blocks of random values (gguf-py cannot make K-quants): random bytes with sane fp16 scales."""
+    generator = np.random.default_rng(seed)
+    blocks = generator.integers(0, 256, size=(rows * columns // 256, 144), dtype=np.uint8)
+    scales = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d and dmin: each block's first 4 bytes
+    blocks[:, :4] = scales
+    return blocks.reshape(rows, -1)
+
+
+@needs_gguf
+def test_a_gguf_layer_multiplies_with_the_blocks_as_gguf_reads_them_and_saves_only_them():
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    from lora_trainer.memory.gguf_weights import GGUFLinear, Packed
+
+    torch.manual_seed(0)
+    for qtype, data in ((Q.Q8_0, quants.quantize(np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32),
+                                                  Q.Q8_0)),
+                        (Q.Q4_K, q4_k_blocks(48, 256))):
+        reference = torch.from_numpy(quants.dequantize(data, qtype).astype(np.float32))  # gguf-py's own reading
+        layer = GGUFLinear(Packed(torch.from_numpy(data), int(qtype), 256), torch.randn(48))
+        torch.testing.assert_close(layer.dequantized(), reference, rtol=1e-6, atol=1e-6)
+        x = torch.randn(3, 256, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(saved_into(saved), lambda t: t):
+            out = layer(x)
+        assert [(t.dtype, t.shape) for t in saved] == [(torch.uint8, layer.weight.shape)]  # the blocks only
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        torch.testing.assert_close(out, x @ reference.T + layer.bias, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, grad @ reference, rtol=1e-5, atol=1e-5)
+
+
+def write_gguf(path, tensors: dict[str, torch.Tensor], qtype) -> dict[str, np.ndarray]:
+    """`tensors` as a GGUF file: 2-D weights whose rows fit `qtype`'s blocks quantized, the rest in F32; the
+    quantized blocks by name."""
+    from gguf import GGUFWriter, quants
+
+    writer = GGUFWriter(str(path), "flux")
+    packed = {}
+    for name, value in tensors.items():
+        array = value.float().numpy()
+        if name.endswith(".weight") and value.ndim == 2 and value.shape[1] % 32 == 0:
+            packed[name] = quants.quantize(array, qtype)
+            writer.add_tensor(name, packed[name], raw_shape=packed[name].shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return packed
+
+
+@needs_gguf
+def test_flux_gguf_files_train_on_their_blocks(flux, dataset, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from lora_trainer.memory.gguf_weights import GGUFLinear
+
+    gguf_file = flux.with_name("flux1-dev-tiny-Q8_0.gguf")
+    packed = write_gguf(gguf_file, load_file(str(flux)), Q.Q8_0)
+    loras = {}
+    for weights_setting, kind in (("auto", GGUFLinear), ("full", torch.nn.Linear), ("fp8", Fp8Linear)):
+        config = transformer_config(gguf_file, dataset, tmp_path / weights_setting, max_steps=2,
+                                    base_weights=weights_setting, save_dtype="fp32")
+        backbone = FluxBackbone.load(config, None)
+        loras[weights_setting] = train_and_keep(config, backbone)[1]
+        layer = base_layer(backbone.transformer.get_submodule("single_transformer_blocks.0.proj_out"))
+        assert type(layer) is kind, weights_setting
+        if kind is GGUFLinear:  # the file's blocks, as they are; q, k and v each their rows of the fused qkv
+            assert torch.equal(layer.weight, torch.from_numpy(packed["single_blocks.0.linear2.weight"]))
+            to_k = base_layer(backbone.transformer.get_submodule("transformer_blocks.0.attn.to_k"))
+            rows = to_k.out_features
+            assert torch.equal(to_k.weight, torch.from_numpy(packed["double_blocks.0.img_attn.qkv.weight"][rows:2 * rows]))
+    assert loras["auto"].keys() == loras["full"].keys() == loras["fp8"].keys()
+    # the GGUF layers compute what the dequantized model computes (here in fp32, the full model from its bf16 copy):
+    # the same LoRA after 2 steps, to the rounding of bf16
+    largest = max(v.abs().max() for v in loras["full"].values())
+    for key in loras["full"]:
+        torch.testing.assert_close(loras["auto"][key], loras["full"][key], rtol=0, atol=0.01 * largest)

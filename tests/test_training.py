@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_dataset, quick_config
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from lora_trainer.backbones.checkpoint import UNET_PREFIX, read_checkpoint
@@ -18,6 +20,10 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.events import CancelToken
 from lora_trainer.lora.kohya import lora_modules, read_lora_file
 from lora_trainer.train.loop import train_lora
+
+# diffusers 0.32 and later take our checkpoint function (the one that leaves the random state alone)
+CHECKPOINTING_CAPTURABLE = "gradient_checkpointing_func" in \
+    inspect.signature(UNet2DConditionModel.enable_gradient_checkpointing).parameters
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -341,7 +347,7 @@ def test_the_graph_ready_step_trains_the_same_lora_as_the_plain_loop(tmp_path, s
                               gradient_checkpointing=checkpointing)
         result = train_lora(config)
         results[mode, checkpointing] = (read_lora_file(result.lora_file)[0], result.losses)
-        if mode == "on":
+        if mode == "on" and (CHECKPOINTING_CAPTURABLE or not checkpointing):
             assert "the graph-ready step runs eagerly" in caplog.text
         caplog.clear()
     plain = results["off", False][0]
@@ -404,9 +410,9 @@ def test_checkpointing_recomputes_without_the_random_state_unless_dropout_draws(
         unet = DiffusionBackbone.from_file(sd1_checkpoint).unet
         params = add_lora(unet, unet_targets := [n for n, m in unet.named_modules() if n.endswith("attn1.to_q")],
                           4, 4, dropout)
-        assert unet_targets and enable_checkpointing(unet) is captured
+        assert unet_targets and enable_checkpointing(unet) is (captured and CHECKPOINTING_CAPTURABLE)
         with monkeypatch.context() as patch:
-            if captured:  # torch's checkpoint reads the CPU state (and the CUDA one) only to restore it
+            if captured and CHECKPOINTING_CAPTURABLE:  # torch's checkpoint reads the CPU state (and the CUDA one) only to restore it
                 patch.setattr(torch, "get_rng_state", lambda: pytest.fail("the random state was read"))
             noisy = torch.randn(1, 4, 8, 8)
             unet(noisy, torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)).sample.mean().backward()

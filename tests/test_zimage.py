@@ -32,7 +32,7 @@ from lora_trainer.backbones.zimage import (
 )
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, load_lora_state
-from lora_trainer.memory.fp8 import store_in_fp8
+from lora_trainer.memory.holding import store_in_fp8
 from lora_trainer.train.loop import train_lora
 
 

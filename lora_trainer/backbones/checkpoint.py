@@ -53,6 +53,9 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} holds no state dict of tensors.")
         return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if suffix == ".gguf":
+        raise CheckpointError(f"{path.name} is a GGUF file of a model that is not a Flux.1, Z-Image or Flux.2 klein "
+                              "transformer (the families read from GGUF); use the model's .safetensors file.")
     raise CheckpointError(f"{path.name}: unknown checkpoint type '{suffix}'; expected .safetensors.")
 
 

@@ -5,7 +5,8 @@ encoders in `models/text_encoders`, the autoencoder in `models/vae`), as all-in-
 folders. A family names the parts it needs (`Part`: what the part is, how its keys look, what its file is
 usually called); `find_parts` gathers them from the config's paths, the base file itself and the folders beside
 it, and says exactly which file is missing before anything is loaded. Weights stored as fp8 (plain, or ComfyUI's
-"scaled fp8" with per-tensor scales) are read back in bf16 here, their scales noted for `store_in_fp8`.
+"scaled fp8" with per-tensor scales) are read back in bf16 here, their scales noted for `hold_linears`;
+GGUF files' blocks too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from lora_trainer.backbones.checkpoint import PICKLE_SUFFIXES
 from lora_trainer.errors import CheckpointError
 from lora_trainer.memory.fp8 import dequantized
+from lora_trainer.memory.gguf_weights import gguf_reader, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,11 @@ def safetensors_keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path.name} is a pickle file, which can run code when loaded; diffusion transformers "
                               "load from .safetensors only. Get the .safetensors version of it.")
     if path.suffix.lower() == ".gguf":
-        raise CheckpointError(f"{path.name} is a GGUF file; training on GGUF weights is not supported yet. Use the "
-                              "bf16, fp16 or fp8 .safetensors file of the same model.")
+        try:
+            return [tensor.name for tensor in gguf_reader(path).tensors]
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"Cannot read {path} ({path.stat().st_size / 2**20:.1f} MiB): {exc}. The file is "
+                                  "probably truncated or not a model; download it again.") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -61,11 +66,16 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
-                 fp8_scales: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 stored: dict | None = None) -> dict[str, torch.Tensor]:
     """The tensors of `path` under `prefix` (removed from their names), fp8 ones dequantized to `dtype` (bf16 by
-    default) with their per-tensor scales, as ComfyUI does it; other tensors keep their stored dtype, or take
-    `dtype` when given. `fp8_scales` collects each dequantized weight's scale by its storage's address, so that
-    `store_in_fp8` can give the file's fp8 values back exactly."""
+    default) with their per-tensor scales, as ComfyUI does it, and a GGUF file's block formats likewise; other
+    tensors keep their stored dtype, or take `dtype` when given. `stored` collects how each dequantized weight was
+    stored (its fp8 scale, its GGUF blocks) by its storage's address, so that `hold_linears` can hold it so."""
+    if Path(path).suffix.lower() == ".gguf":
+        try:
+            return read_gguf(path, prefix, dtype, stored)
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"Cannot read {path}: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -82,8 +92,8 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
                                   if s in scales), None)
                     scale = torch.ones(()) if scale is None else scale.float()
                     tensor = dequantized(tensor, scale, dtype or torch.bfloat16)
-                    if fp8_scales is not None:
-                        fp8_scales[tensor.untyped_storage().data_ptr()] = scale
+                    if stored is not None:
+                        stored[tensor.untyped_storage().data_ptr()] = scale
                 elif dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 out[key[len(prefix):]] = tensor
@@ -94,6 +104,9 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
 
 def shape_of(path: Path, key: str) -> tuple[int, ...] | None:
     """A tensor's shape read from a file's header (None when the file has no such tensor)."""
+    if Path(path).suffix.lower() == ".gguf":
+        found = [t for t in gguf_reader(path).tensors if t.name == key]
+        return tuple(int(n) for n in reversed(found[0].shape)) if found else None
     with safe_open(str(path), framework="pt") as f:
         return tuple(f.get_slice(key).get_shape()) if key in set(f.keys()) else None
 

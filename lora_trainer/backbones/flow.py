@@ -32,7 +32,7 @@ from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
 from lora_trainer.memory.checkpointing import enable_checkpointing
-from lora_trainer.memory.fp8 import store_in_fp8
+from lora_trainer.memory.holding import hold_linears
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class FlowBackbone:
     tokenizers: list
     name: str = "model"
     variant: str = ""  # "dev", "schnell", "turbo", "base", "4b", "9b": what the family's defaults follow
-    # the scales of the transformer's weights that were read from fp8, by storage address (files.read_weights)
-    fp8_scales: dict = field(default_factory=dict, repr=False)
+    # how the transformer's weights read from a quantized file were stored, by storage address (files.read_weights)
+    stored: dict = field(default_factory=dict, repr=False)
     model_type = "image"
     can_compile = True
     # steps per image shape after which compiling has paid for itself; H200, Flux.1-dev 1024 px: 48 s to compile,
@@ -160,11 +160,12 @@ class FlowBackbone:
         run["text_cache"] = texts  # kept where the step reads it: on the device when small, else in CPU memory
         self.prompt_cache = {p: texts[p] for p in [*prompts, ""] if p in texts}
         self.transformer.requires_grad_(False)
-        if config.base_weights == "fp8" or (config.base_weights == "auto" and self.fp8_scales):
-            stored = store_in_fp8(repeated_blocks(self.transformer), device, self.fp8_scales)
-            log.info("Base weights: %.2f B of the transformer's weights in fp8 on the GPU (base_weights: %s).",
-                     stored / 1e9, config.base_weights)
-        self.fp8_scales = {}  # addresses of freed tensors from here on
+        if config.base_weights == "fp8" or (config.base_weights == "auto" and self.stored):
+            held = hold_linears(repeated_blocks(self.transformer), device, fp8=config.base_weights == "fp8",
+                                stored=self.stored)
+            log.info("Base weights (base_weights: %s): %s of the transformer's weights on the GPU.", config.base_weights,
+                     ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count))
+        self.stored = {}  # addresses of freed tensors from here on
         current = next(self.transformer.parameters()).dtype
         self.transformer.to(device) if current == dtype else self.transformer.to(device, dtype)
         return [(self.group(entry), entry.item.repeats * config.repeats) for entry in cache]

@@ -257,7 +257,7 @@ class FluxBackbone(FlowBackbone):
         path = Path(config.base_model).expanduser()
         if path.is_dir():
             return "flux1" if is_flux_folder(path) else None
-        if not path.is_file() or path.suffix.lower() != ".safetensors":
+        if not path.is_file() or path.suffix.lower() not in (".safetensors", ".gguf"):
             return None
         return "flux1" if transformer_prefix(safetensors_keys(path)) is not None else None
 
@@ -272,14 +272,14 @@ class FluxBackbone(FlowBackbone):
         found = find_parts(path, keys, PARTS, "Flux.1", given=config.text_encoders, vae=config.vae)
         _check_widths(path, prefix, found)
         t5_tokenizer = cls.t5_tokenizer(config, path)  # before the slow loading: a missing tokenizer fails at once
-        scales: dict = {}
-        transformer = transformer_from_bfl(read_weights(path, prefix, fp8_scales=scales))
+        stored: dict = {}
+        transformer = transformer_from_bfl(read_weights(path, prefix, stored=stored))
         clip = clip_from_state(read_weights(found["CLIP-L"].path, found["CLIP-L"].prefix))
         t5 = t5_from_state(read_weights(found["T5-XXL"].path, found["T5-XXL"].prefix))
         vae = vae_from_state(read_weights(found["the Flux autoencoder"].path, found["the Flux autoencoder"].prefix))
         variant = "dev" if transformer.config.guidance_embeds else "schnell"
         return cls(family="flux1", transformer=transformer, vae=vae, text_encoders=[clip, t5],
-                   tokenizers=[clip_tokenizer(), t5_tokenizer], name=path.stem, variant=variant, fp8_scales=scales)
+                   tokenizers=[clip_tokenizer(), t5_tokenizer], name=path.stem, variant=variant, stored=stored)
 
     @classmethod
     def _from_diffusers(cls, folder: Path, config: TrainConfig) -> FluxBackbone:

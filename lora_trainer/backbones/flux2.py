@@ -266,7 +266,7 @@ class KleinBackbone(FlowBackbone):
             if pipeline == "Flux2Pipeline":
                 raise dev_refused(path.name)
             return "klein" if pipeline == "Flux2KleinPipeline" else None
-        if not path.is_file() or path.suffix.lower() != ".safetensors":
+        if not path.is_file() or path.suffix.lower() not in (".safetensors", ".gguf"):
             return None
         return "klein" if transformer_prefix(safetensors_keys(path), path) is not None else None
 
@@ -282,15 +282,15 @@ class KleinBackbone(FlowBackbone):
                            given=config.text_encoders, vae=config.vae)
         _check_widths(path, prefix, found)
         tokenizer = qwen_tokenizer(config.tokenizers, path, "Flux.2 klein")  # before the slow loading: a missing tokenizer fails at once
-        scales: dict = {}
-        transformer = transformer_from_bfl(read_weights(path, prefix, fp8_scales=scales))
+        stored: dict = {}
+        transformer = transformer_from_bfl(read_weights(path, prefix, stored=stored))
         text = found["the Qwen3 text encoder"]
         encoder = qwen3_from_state(read_weights(text.path, text.prefix))
         vae_file = found["the Flux.2 autoencoder"]
         vae = vae_from_state(read_weights(vae_file.path, vae_file.prefix))
         return cls(family="klein", transformer=transformer, vae=vae, text_encoders=[encoder], tokenizers=[tokenizer],
                    name=path.stem, variant=size_of(transformer), distilled="base" not in path.name.lower(),
-                   fp8_scales=scales)
+                   stored=stored)
 
     @classmethod
     def _from_diffusers(cls, folder: Path, config: TrainConfig) -> KleinBackbone:

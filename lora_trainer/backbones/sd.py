@@ -42,7 +42,7 @@ from lora_trainer.lora.kohya import (
     to_kohya,
 )
 from lora_trainer.memory.checkpointing import enable_checkpointing
-from lora_trainer.memory.fp8 import store_in_fp8
+from lora_trainer.memory.holding import store_in_fp8
 
 log = logging.getLogger(__name__)
 

@@ -288,7 +288,7 @@ class ZImageBackbone(FlowBackbone):
         path = Path(config.base_model).expanduser()
         if path.is_dir():
             return "zimage" if is_zimage_folder(path) else None
-        if not path.is_file() or path.suffix.lower() != ".safetensors":
+        if not path.is_file() or path.suffix.lower() not in (".safetensors", ".gguf"):
             return None
         return "zimage" if transformer_layout(safetensors_keys(path)) is not None else None
 
@@ -313,13 +313,13 @@ class ZImageBackbone(FlowBackbone):
             found = find_parts(path, keys, PARTS, "Z-Image", given=config.text_encoders, vae=config.vae)
             _check_width(path, prefix, found[QWEN3.name])
             tokenizer = qwen_tokenizer(config.tokenizers, path, "Z-Image")  # before the slow loading: a missing tokenizer fails at once
-            scales: dict = {}
-            transformer = transformer_from_file(read_weights(path, prefix, fp8_scales=scales), layout)
+            stored: dict = {}
+            transformer = transformer_from_file(read_weights(path, prefix, stored=stored), layout)
             text_encoder = qwen3_from_state(read_weights(found[QWEN3.name].path, found[QWEN3.name].prefix))
             vae_part = found[PARTS[1].name]
             vae = flux.vae_from_state(read_weights(vae_part.path, vae_part.prefix))
             backbone = cls(family="zimage", transformer=transformer, vae=vae, text_encoders=[text_encoder],
-                           tokenizers=[tokenizer], name=path.stem, variant=variant_of(path.stem), fp8_scales=scales)
+                           tokenizers=[tokenizer], name=path.stem, variant=variant_of(path.stem), stored=stored)
         if adapter:
             if backbone.variant != "turbo":
                 log.warning("training_adapter is made for Z-Image-Turbo; %s looks like %s by its name.",

@@ -15,7 +15,6 @@ the base is frozen.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -121,24 +120,3 @@ def quantize(weight: torch.Tensor, stored_scale: torch.Tensor | None = None) -> 
     rows = w.abs().amax(dim=1, keepdim=True)
     scale = (rows / FP8_MAX).to(torch.bfloat16).float().clamp(min=torch.finfo(torch.bfloat16).tiny)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def store_in_fp8(blocks: Iterable[torch.nn.Module], device: torch.device,
-                 stored_scales: Mapping[int, torch.Tensor] | None = None) -> int:
-    """Every linear layer inside `blocks` replaced by an Fp8Linear quantized on `device`, one layer at a time (never
-    the whole model in full precision on the device); returns how many weights are now stored in fp8.
-
-    `stored_scales` (from `read_weights`) holds the scale of each weight that was read from fp8, by the address of
-    its storage, so that those weights get their file's values back; a scale that does not reproduce the weight
-    exactly is not used.
-    """
-    count = 0
-    stored_scales = stored_scales or {}
-    for block in blocks:
-        for name, module in list(block.named_modules()):
-            if type(module) is torch.nn.Linear:
-                parent, _, leaf = name.rpartition(".")
-                stored = stored_scales.get(module.weight.untyped_storage().data_ptr())
-                setattr(block.get_submodule(parent) if parent else block, leaf, Fp8Linear.of(module, device, stored))
-                count += module.weight.numel()
-    return count
