@@ -204,7 +204,8 @@ def test_a_gguf_layer_multiplies_with_the_blocks_as_gguf_reads_them_and_saves_on
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
-    from lora_trainer.memory.gguf_weights import GGUFLinear, Packed
+    from lora_trainer.memory.gguf_files import Packed
+    from lora_trainer.memory.gguf_weights import GGUFLinear
 
     torch.manual_seed(0)
     for qtype, data in ((Q.Q8_0, quants.quantize(np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32),
@@ -272,3 +273,14 @@ def test_flux_gguf_files_train_on_their_blocks(flux, dataset, tmp_path):
     largest = max(v.abs().max() for v in loras["full"].values())
     for key in loras["full"]:
         torch.testing.assert_close(loras["auto"][key], loras["full"][key], rtol=0, atol=0.01 * largest)
+
+
+def test_an_older_torch_refuses_fp8_and_holds_a_quantized_file_in_full_precision(monkeypatch):
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.memory import holds_quantized
+
+    assert holds_quantized("fp8", False) and holds_quantized("auto", True) and not holds_quantized("auto", False)
+    monkeypatch.delattr(torch.library, "custom_op")  # torch before 2.4
+    with pytest.raises(ConfigError, match="needs torch 2.4 or newer"):
+        holds_quantized("fp8", False)
+    assert not holds_quantized("auto", True)

@@ -22,8 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_trainer.backbones.checkpoint import PICKLE_SUFFIXES
 from lora_trainer.errors import CheckpointError
-from lora_trainer.memory.fp8 import dequantized
-from lora_trainer.memory.gguf_weights import gguf_reader, read_gguf
+from lora_trainer.memory.gguf_files import gguf_reader, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,8 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
                     scale = next((f.get_tensor(s) for s in (f"{base}.scale_weight", f"{base}.weight_scale")
                                   if s in scales), None)
                     scale = torch.ones(()) if scale is None else scale.float()
-                    tensor = dequantized(tensor, scale, dtype or torch.bfloat16)
+                    dtype_out = dtype or torch.bfloat16  # scale rounded first, as ComfyUI and Fp8Linear do it
+                    tensor = tensor.to(dtype_out) * scale.to(dtype_out)
                     if stored is not None:
                         stored[tensor.untyped_storage().data_ptr()] = scale
                 elif dtype is not None and tensor.is_floating_point():

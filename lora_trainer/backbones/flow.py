@@ -31,8 +31,8 @@ from lora_trainer.data.cache import assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
+from lora_trainer.memory import holds_quantized
 from lora_trainer.memory.checkpointing import enable_checkpointing
-from lora_trainer.memory.holding import hold_linears
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ class FlowBackbone:
         run["text_cache"] = texts  # kept where the step reads it: on the device when small, else in CPU memory
         self.prompt_cache = {p: texts[p] for p in [*prompts, ""] if p in texts}
         self.transformer.requires_grad_(False)
-        if config.base_weights == "fp8" or (config.base_weights == "auto" and self.stored):
+        if holds_quantized(config.base_weights, bool(self.stored)):
+            from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
+
             held = hold_linears(repeated_blocks(self.transformer), device, fp8=config.base_weights == "fp8",
                                 stored=self.stored)
             log.info("Base weights (base_weights: %s): %s of the transformer's weights on the GPU.", config.base_weights,

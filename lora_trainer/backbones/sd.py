@@ -41,8 +41,8 @@ from lora_trainer.lora.kohya import (
     save_lora_file,
     to_kohya,
 )
+from lora_trainer.memory import holds_quantized
 from lora_trainer.memory.checkpointing import enable_checkpointing
-from lora_trainer.memory.holding import store_in_fp8
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,9 @@ class DiffusionBackbone:
             encoder.requires_grad_(False)
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         self.unet.requires_grad_(False)
-        if config.base_weights == "fp8":
+        if holds_quantized(config.base_weights, stored=False):
+            from lora_trainer.memory.holding import store_in_fp8  # torch 2.4's custom ops
+
             stored = store_in_fp8([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], device)
             log.info("Base weights: %.2f B of the UNet's weights in fp8 on the GPU.", stored / 1e9)
         _place(self.unet, device, dtype)

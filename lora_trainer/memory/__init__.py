@@ -1,1 +1,27 @@
-"""What makes a model fit a small GPU: checkpointing a CUDA graph can capture, frozen weights stored in fp8."""
+"""What makes a model fit a small GPU: checkpointing a CUDA graph can capture, frozen weights held as stored
+(fp8, GGUF) or in fp8, the levers an out-of-memory error names."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lora_trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def holds_quantized(base_weights: str, stored: bool) -> bool:
+    """Whether a run holds frozen layers quantized: `base_weights: fp8`, or 'auto' on a file stored quantized
+    (`stored`). The layers are torch custom ops (2.4 and later): on an older torch 'fp8' is refused and 'auto'
+    trains the file's weights in full precision."""
+    wanted = base_weights == "fp8" or (base_weights == "auto" and stored)
+    if wanted and not hasattr(torch.library, "custom_op"):
+        if base_weights == "fp8":
+            raise ConfigError(f"base_weights: fp8 needs torch 2.4 or newer (this is {torch.__version__}). Update torch, "
+                              "or set base_weights: auto.")
+        log.warning("This torch (%s) cannot train on the file's quantized weights (2.4 or newer can): they are held "
+                    "in full precision, which takes more GPU memory.", torch.__version__)
+        return False
+    return wanted

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lora_trainer.memory.fp8 import Fp8Linear
-from lora_trainer.memory.gguf_weights import GGUFLinear, Packed, packed_rows
+from lora_trainer.memory.gguf_files import Packed, packed_rows
+from lora_trainer.memory.gguf_weights import GGUFLinear
 
 
 def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, fp8: bool,
