@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fp8", action="store_true",
                        help="train: also time base_weights: fp8, with and without gradient checkpointing.")
     bench.add_argument("--vram-gib", type=float, default=None,
-                       help="train: cap the checkpointing and fp8 rows at this much GPU memory (a smaller card).")
+                       help="train: cap the fp8 + checkpointing row at this much GPU memory (a smaller card).")
     bench.add_argument("--lean", action="store_true",
                        help="train: leave out the host rows (SD) or the eager rows (transformer families).")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
