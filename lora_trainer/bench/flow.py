@@ -126,6 +126,36 @@ def tame(model: torch.nn.Module) -> None:
 
 
 BUILDERS = {"flux1": real_flux1, "zimage": real_zimage, "klein4b": real_klein4b}
+GGUF_TYPES = {"Q8_0": 8, "Q4_K": 12}
+
+
+def as_gguf(backbone, qtype: str) -> None:
+    """Every linear weight of the transformer's repeated blocks as a GGUF file of `qtype` holds it, noted in
+    `backbone.stored` as `files.read_weights` notes a GGUF file's blocks: what loading such a file gives. Q8_0: the
+    weight quantized (llama.cpp's format: per 32 values an fp16 scale and int8s); Q4_K: random blocks at a trained
+    model's scale (nothing here makes K-quants). Made on the weights' device, kept in CPU memory as from a file."""
+    from lora_trainer.backbones.flow import repeated_blocks
+    from lora_trainer.memory.gguf_files import Packed, dequantized
+
+    code = GGUF_TYPES[qtype]
+    for block in repeated_blocks(backbone.transformer):
+        for module in block.modules():
+            if type(module) is not torch.nn.Linear:
+                continue
+            weight = module.weight.detach()
+            rows, columns = weight.shape
+            if qtype == "Q8_0":
+                values = weight.float().reshape(-1, 32)
+                scale = (values.abs().amax(dim=1, keepdim=True) / 127).half()
+                quantized = (values / scale.float().clamp(min=1e-12)).round().clamp(-127, 127).to(torch.int8)
+                data = torch.cat([scale.view(torch.uint8), quantized.view(torch.uint8)], dim=1)
+            else:  # d and dmin (fp16) chosen so that values span about -0.02..0.04, centred near 0
+                data = torch.randint(0, 256, (rows * columns // 256, 144), dtype=torch.uint8, device=weight.device)
+                data[:, :4] = torch.tensor([4e-5, 3e-4], dtype=torch.float16, device=weight.device).view(torch.uint8)
+            data = data.reshape(rows, -1)
+            value = dequantized(data, code, columns, weight.dtype).cpu()
+            module.weight = torch.nn.Parameter(value, requires_grad=False)
+            backbone.stored[value.untyped_storage().data_ptr()] = Packed(data.cpu(), code, columns)
 
 
 def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, vram_gib: float | None = None,
@@ -186,11 +216,12 @@ def step_flops(backbone, device: torch.device) -> float:
 
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
-               fp8: bool = False, vram_gib: float | None = None, lean: bool = False) -> dict:
+               fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "") -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
     The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
-    `vram_gib` caps the memory of the fp8 + checkpointing row; `lean` leaves out the eager rows (and the drift)."""
+    `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
+    drift); `gguf` ('Q8_0', 'Q4_K') adds a row on the transformer held as a GGUF file of that type holds it."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -223,12 +254,17 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             modes += [("fp8", {**captured, "base_weights": "fp8"}),
                       ("fp8 + checkpointing", {**captured, "base_weights": "fp8", "gradient_checkpointing": True,
                                                "vram_gib": vram_gib})]
+        if gguf:
+            modes.append((f"gguf {gguf} + checkpointing", {**captured, "gradient_checkpointing": True,
+                                                            "vram_gib": vram_gib}))
         if compile_model:
             modes.append(("compiled", {"cuda_graphs": "auto", "torch_compile": "on"}))
         flops = None
         for name, mode in modes:
             model = fresh()
-            if size == "real" and mode.get("base_weights") == "fp8":
+            if size == "real" and name.startswith("gguf"):
+                as_gguf(model, gguf)
+            if size == "real" and (mode.get("base_weights") == "fp8" or name.startswith("gguf")):
                 for module in (model.transformer, model.vae, *model.text_encoders):
                     module.to("cpu")  # as loaded from a file: the transformer goes to the GPU layer by layer, in fp8
                 torch.cuda.empty_cache()
@@ -248,10 +284,15 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
         fp8_drift = lora_difference(rows["checkpointing"]["lora_file"], rows["fp8 + checkpointing"]["lora_file"]) \
             if fp8 else None
         fp8_gap = loss_gap(rows["checkpointing"]["losses"], rows["fp8 + checkpointing"]["losses"]) if fp8 else None
+        q8 = "gguf Q8_0 + checkpointing"
+        q8 = q8 if "checkpointing" in rows else ""
+        gguf_drift = lora_difference(rows["checkpointing"]["lora_file"], rows[q8]["lora_file"]) if q8 in rows else None
+        gguf_gap = loss_gap(rows["checkpointing"]["losses"], rows[q8]["losses"]) if q8 in rows else None
     report = {"family": family, "size": size, "device": str(torch_device), "resolution": 1024, "batch": 1,
               "tflop_per_step": round(flops / 1e12, 2) if flops else None, "captured_vs_eager_lora_difference": drift,
               "eager_vs_eager_lora_difference": noise_floor, "compiled_vs_eager_lora_difference": compiled_drift,
               "fp8_vs_full_lora_difference": fp8_drift, "fp8_vs_full_loss_gap": fp8_gap, "vram_gib_cap": vram_gib,
+              "gguf_q8_vs_full_lora_difference": gguf_drift, "gguf_q8_vs_full_loss_gap": gguf_gap,
               "rows": [{"trainer": f"lora_trainer, {name}", "steps_per_s": round(r["steps_per_s"], 3),
                         "first_5_steps_s": round(r["first_5_steps_s"], 1),
                         "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),
