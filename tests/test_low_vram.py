@@ -4,6 +4,7 @@ trained so gives."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -284,3 +285,23 @@ def test_an_older_torch_refuses_fp8_and_holds_a_quantized_file_in_full_precision
     with pytest.raises(ConfigError, match="needs torch 2.4 or newer"):
         holds_quantized("fp8", False)
     assert not holds_quantized("auto", True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_nf4_bases_train_with_the_same_lora_keys(sd1_checkpoint, flux, dataset, tmp_path):
+    import bitsandbytes as bnb
+
+    for family, path, make, load in (("sd1", sd1_checkpoint, quick_config, DiffusionBackbone.load),
+                                     ("flux1", flux, transformer_config, FluxBackbone.load)):
+        loras = {}
+        for weights in ("full", "nf4"):
+            config = make(path, dataset, tmp_path / f"{family}-{weights}", base_weights=weights, max_steps=3,
+                          gradient_checkpointing=True)
+            backbone = load(resolve(config, family), None)
+            result, loras[weights] = train_and_keep(config, backbone)
+            network = backbone.trained_modules()[0]
+            held = [m for m in network.modules() if isinstance(m, bnb.nn.Linear4bit)]
+            assert bool(held) is (weights == "nf4") and all(m.weight.dtype == torch.uint8 for m in held)
+            assert all(math.isfinite(loss) for _, loss in result.losses) and all(v.dtype == torch.float32 for v in loras[weights].values())
+        assert loras["nf4"].keys() == loras["full"].keys()
+        assert any(not torch.equal(loras["nf4"][k], loras["full"][k]) for k in loras["full"])  # 4 bits move it

@@ -187,8 +187,8 @@ class CausalLMBackbone:
         _check_transformers()
         from transformers import AutoConfig
 
-        if config.base_weights == "fp8":
-            raise ConfigError("base_weights: fp8 is for image models; a language model's base is made smaller with "
+        if config.base_weights in ("fp8", "nf4"):
+            raise ConfigError(f"base_weights: {config.base_weights} is for image models; a language model's base is made smaller with "
                               "load_in_4bit: true. Set base_weights: auto.")
         folder = _model_folder(config)
         tokenizer = _tokenizer(folder)

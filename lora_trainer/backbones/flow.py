@@ -163,8 +163,9 @@ class FlowBackbone:
         if holds_quantized(config.base_weights, bool(self.stored)):
             from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
 
-            held = hold_linears(repeated_blocks(self.transformer), device, fp8=config.base_weights == "fp8",
-                                stored=self.stored)
+            quantize = config.base_weights if config.base_weights in ("fp8", "nf4") else None
+            held = hold_linears(repeated_blocks(self.transformer), device, quantize=quantize, stored=self.stored,
+                                compute_dtype=dtype)
             log.info("Base weights (base_weights: %s): %s of the transformer's weights on the GPU.", config.base_weights,
                      ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count))
         self.stored = {}  # addresses of freed tensors from here on
@@ -204,10 +205,10 @@ class FlowBackbone:
         targets = sorted(set(self.lora_targets(config.lora_targets)) | set(init or ()))
         ranks = {name: parts["down"].shape[0] for name, parts in (init or {}).items()}
         params = add_lora(self.transformer, targets, config.lora_rank, config.lora_alpha, config.lora_dropout, ranks)
+        for p in params:  # before filling: peft makes the LoRA of a quantized layer in its compute dtype
+            p.data = p.data.float()
         if init:
             fill_lora(self.transformer, init)
-        for p in params:
-            p.data = p.data.float()
         if self.run["dtype"] != torch.float32:
             keep_lora_input_dtype(self.transformer)
         self.run["checkpointing_captured"] = True
@@ -242,8 +243,10 @@ class FlowBackbone:
         return torch.compiler.set_stance("force_eager")
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """Checkpointing that must restore the random state (dropout) or that diffusers before 0.32 does its own way."""
-        return [] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]
+        """Checkpointing that must restore the random state (dropout) or that diffusers before 0.32 does its own way;
+        bitsandbytes' NF4 layers (not measured inside a CUDA graph yet)."""
+        return ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]) + \
+            (["base_weights: nf4 (bitsandbytes' layers)"] if config.base_weights == "nf4" else [])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), captions (dropped by draws from `gen`), noise and times (from

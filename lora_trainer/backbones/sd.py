@@ -313,10 +313,12 @@ class DiffusionBackbone:
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         self.unet.requires_grad_(False)
         if holds_quantized(config.base_weights, stored=False):
-            from lora_trainer.memory.holding import store_in_fp8  # torch 2.4's custom ops
+            from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
 
-            stored = store_in_fp8([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], device)
-            log.info("Base weights: %.2f B of the UNet's weights in fp8 on the GPU.", stored / 1e9)
+            held = hold_linears([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], device,
+                                quantize=config.base_weights, compute_dtype=dtype)
+            log.info("Base weights: %.2f B of the UNet's weights in %s on the GPU.", held[config.base_weights] / 1e9,
+                     config.base_weights)
         _place(self.unet, device, dtype)
         # text conditioning: cached once unless captions change per step or the text encoder trains
         run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]
@@ -354,13 +356,13 @@ class DiffusionBackbone:
                 te_params += add_lora(encoder, names, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                       {n: p["down"].shape[0] for n, p in modules.items()})
             groups.append({"params": te_params, "lr": config.text_encoder_lr})
+        for group in groups:  # before filling: peft makes the LoRA of a quantized layer in its compute dtype
+            for p in group["params"]:
+                p.data = p.data.float()
         if init:
             for model, modules in zip([self.unet, *self.text_encoders], init):
                 if modules:
                     fill_lora(model, modules)
-        for group in groups:
-            for p in group["params"]:
-                p.data = p.data.float()
         if self.run["dtype"] != torch.float32 and self.run["device"].type in ("cuda", "cpu"):
             keep_lora_input_dtype(self.unet, *self.text_encoders)  # every forward there runs under autocast
         self.run["checkpointing_captured"] = True
@@ -380,9 +382,11 @@ class DiffusionBackbone:
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Text-encoder training runs outside the captured step; so does checkpointing that must restore the random
-        state (dropout) or that diffusers before 0.32 does its own way."""
+        state (dropout) or that diffusers before 0.32 does its own way; and bitsandbytes' NF4 layers (not measured
+        inside a CUDA graph yet)."""
         return (["text-encoder training"] if self.run["te_train"] else []) + \
-            ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"])
+            ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]) + \
+            (["base_weights: nf4 (bitsandbytes' layers)"] if config.base_weights == "nf4" else [])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), noise and timesteps (from `device_gen`), the noised latents,

@@ -13,9 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def holds_quantized(base_weights: str, stored: bool) -> bool:
-    """Whether a run holds frozen layers quantized: `base_weights: fp8`, or 'auto' on a file stored quantized
-    (`stored`). The layers are torch custom ops (2.4 and later): on an older torch 'fp8' is refused and 'auto'
-    trains the file's weights in full precision."""
+    """Whether a run holds frozen layers quantized: `base_weights: fp8` or `nf4`, or 'auto' on a file stored
+    quantized (`stored`). fp8 and GGUF layers are torch custom ops (2.4 and later): on an older torch 'fp8' is
+    refused and 'auto' trains the file's weights in full precision. NF4 needs bitsandbytes."""
+    if base_weights == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401 - only asked whether it is there
+        except ImportError:
+            raise ConfigError("base_weights: nf4 needs the bitsandbytes package: pip install bitsandbytes (or use "
+                              "base_weights: fp8).") from None
+        return True
     wanted = base_weights == "fp8" or (base_weights == "auto" and stored)
     if wanted and not hasattr(torch.library, "custom_op"):
         if base_weights == "fp8":

@@ -12,8 +12,10 @@ def levers_off(config: TrainConfig, *, in_host: bool = False) -> list[str]:
     if not config.gradient_checkpointing:
         levers.append("gradient_checkpointing: true (much less memory for activations; image models keep the "
                       "captured step)")
-    if config.model_type == "image" and config.base_weights != "fp8" and not in_host:
+    if config.model_type == "image" and config.base_weights not in ("fp8", "nf4") and not in_host:
         levers.append("base_weights: fp8 (the frozen model in half the memory)")
+    if config.model_type == "image" and config.base_weights != "nf4" and not in_host:
+        levers.append("base_weights: nf4 (a quarter of the memory; moves the LoRA more)")
     if config.model_type == "causal_lm" and not config.load_in_4bit:
         levers.append("load_in_4bit: true (the frozen model in a quarter of the memory)")
     if config.train_text_encoder:
