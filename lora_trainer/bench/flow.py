@@ -216,12 +216,13 @@ def step_flops(backbone, device: torch.device) -> float:
 
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
-               fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "") -> dict:
+               fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "",
+               nf4: bool = False) -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
     The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
     `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
-    drift); `gguf` ('Q8_0', 'Q4_K') adds a row on the transformer held as a GGUF file of that type holds it."""
+    drift); `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -254,6 +255,9 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             modes += [("fp8", {**captured, "base_weights": "fp8"}),
                       ("fp8 + checkpointing", {**captured, "base_weights": "fp8", "gradient_checkpointing": True,
                                                "vram_gib": vram_gib})]
+        if nf4:
+            modes.append(("nf4 + checkpointing", {**captured, "base_weights": "nf4", "gradient_checkpointing": True,
+                                                  "vram_gib": vram_gib}))
         if gguf:
             modes.append((f"gguf {gguf} + checkpointing", {**captured, "gradient_checkpointing": True,
                                                             "vram_gib": vram_gib}))
@@ -264,7 +268,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             model = fresh()
             if size == "real" and name.startswith("gguf"):
                 as_gguf(model, gguf)
-            if size == "real" and (mode.get("base_weights") == "fp8" or name.startswith("gguf")):
+            if size == "real" and (mode.get("base_weights") in ("fp8", "nf4") or name.startswith("gguf")):
                 for module in (model.transformer, model.vae, *model.text_encoders):
                     module.to("cpu")  # as loaded from a file: the transformer goes to the GPU layer by layer, in fp8
                 torch.cuda.empty_cache()
