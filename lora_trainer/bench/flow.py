@@ -217,12 +217,12 @@ def step_flops(backbone, device: torch.device) -> float:
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
                fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "",
-               nf4: bool = False) -> dict:
+               nf4: bool = False, only: tuple[str, ...] = ()) -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
     The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
     `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
-    drift); `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it."""
+    drift); `only` keeps the rows of these names; `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -263,6 +263,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
                                                             "vram_gib": vram_gib}))
         if compile_model:
             modes.append(("compiled", {"cuda_graphs": "auto", "torch_compile": "on"}))
+        modes = [(name, mode) for name, mode in modes if not only or name in only]
         flops = None
         for name, mode in modes:
             model = fresh()
@@ -280,14 +281,16 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
                 flops = step_flops(model, torch_device)
             del model
             gc.collect()
-        drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"]) if not lean else None
+        eager = "eager" in rows and "captured" in rows and "eager again" in rows
+        drift = lora_difference(rows["eager"]["lora_file"], rows["captured"]["lora_file"]) if eager else None
         noise_floor = lora_difference(rows["eager"]["lora_file"], rows.pop("eager again")["lora_file"]) \
-            if not lean else None
+            if eager else None
         compiled_drift = lora_difference(rows["eager"]["lora_file"], rows["compiled"]["lora_file"]) \
-            if "compiled" in rows else None
+            if "compiled" in rows and "eager" in rows else None
+        both = fp8 and "checkpointing" in rows and "fp8 + checkpointing" in rows
         fp8_drift = lora_difference(rows["checkpointing"]["lora_file"], rows["fp8 + checkpointing"]["lora_file"]) \
-            if fp8 else None
-        fp8_gap = loss_gap(rows["checkpointing"]["losses"], rows["fp8 + checkpointing"]["losses"]) if fp8 else None
+            if both else None
+        fp8_gap = loss_gap(rows["checkpointing"]["losses"], rows["fp8 + checkpointing"]["losses"]) if both else None
         q8 = "gguf Q8_0 + checkpointing"
         q8 = q8 if "checkpointing" in rows else ""
         gguf_drift = lora_difference(rows["checkpointing"]["lora_file"], rows[q8]["lora_file"]) if q8 in rows else None

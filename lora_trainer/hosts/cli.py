@@ -226,7 +226,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench_flow(family=args.family, steps=args.steps, size=args.size if args.size != "base" else "real",
                    device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile,
-                   fp8=args.fp8, vram_gib=args.vram_gib, lean=args.lean, gguf=args.gguf, nf4=args.nf4)
+                   fp8=args.fp8, vram_gib=args.vram_gib, lean=args.lean, gguf=args.gguf, nf4=args.nf4,
+                   only=tuple(args.rows.split(",")) if args.rows else ())
         return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: also time base_weights: fp8, with and without gradient checkpointing.")
     bench.add_argument("--vram-gib", type=float, default=None,
                        help="train: cap the fp8 + checkpointing row at this much GPU memory (a smaller card).")
+    bench.add_argument("--rows", default="",
+                       help="train, transformer families: only these rows, by name, comma-separated "
+                            "(e.g. 'captured,fp8 + checkpointing').")
     bench.add_argument("--nf4", action="store_true",
                        help="train, transformer families: also time base_weights: nf4 with checkpointing.")
     bench.add_argument("--gguf", choices=["Q8_0", "Q4_K"], default="",
