@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lora_trainer.backbones.flux import FluxBackbone
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny_flow import build_tiny_flux
 from lora_trainer.config import resolve
+from lora_trainer.errors import CheckpointError
 from lora_trainer.lora.kohya import read_lora_file
 from lora_trainer.memory.fp8 import FP8, Fp8Linear, quantize
 from lora_trainer.train.loop import train_lora
@@ -269,6 +271,10 @@ def test_flux_gguf_files_train_on_their_blocks(flux, dataset, tmp_path):
             rows = to_k.out_features
             assert torch.equal(to_k.weight, torch.from_numpy(packed["double_blocks.0.img_attn.qkv.weight"][rows:2 * rows]))
     assert loras["auto"].keys() == loras["full"].keys() == loras["fp8"].keys()
+    with pytest.MonkeyPatch.context() as patch:  # without the package: said before anything loads
+        patch.setitem(sys.modules, "gguf", None)
+        with pytest.raises(CheckpointError, match=r"needs the gguf package \(pip install gguf\)"):
+            train_lora(transformer_config(gguf_file, dataset, tmp_path / "no-gguf"))
     # the GGUF layers compute what the dequantized model computes (here in fp32, the full model from its bf16 copy):
     # the same LoRA after 2 steps, to the rounding of bf16
     largest = max(v.abs().max() for v in loras["full"].values())

@@ -53,6 +53,8 @@ def safetensors_keys(path: Path) -> list[str]:
     if path.suffix.lower() == ".gguf":
         try:
             return [tensor.name for tensor in gguf_reader(path).tensors]
+        except ImportError as exc:
+            raise CheckpointError(str(exc)) from None
         except (ValueError, OSError) as exc:
             raise CheckpointError(f"Cannot read {path} ({path.stat().st_size / 2**20:.1f} MiB): {exc}. The file is "
                                   "probably truncated or not a model; download it again.") from None
@@ -73,7 +75,7 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
     if Path(path).suffix.lower() == ".gguf":
         try:
             return read_gguf(path, prefix, dtype, stored)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, ImportError) as exc:
             raise CheckpointError(f"Cannot read {path}: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     try:

@@ -27,7 +27,10 @@ class Packed:
 @functools.cache
 def _dequantizer(qtype: int):
     """diffusers' dequantize function for a GGML type, with its block size and bytes per block."""
-    from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
+    try:
+        from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
+    except ImportError:
+        raise ImportError("GGUF files need diffusers 0.32 or newer (its GGUF dequantizers): pip install -U diffusers") from None
     from gguf import GGMLQuantizationType
 
     kind = GGMLQuantizationType(qtype)
