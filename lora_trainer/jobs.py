@@ -63,6 +63,7 @@ class JobStatus:
     lora_file: str | None = None
     message: str = ""
     notice: str = ""  # what the job changed in what the user typed (a name that would have left its folder)
+    warning: str = ""  # what the run noticed going wrong while it goes on (steps slowed down: memory spilling)
     data_summary: str = ""
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -198,6 +199,8 @@ class Trainer:
             job.samples.append(str(data["path"]))
         elif event.kind == "saved":
             job.saved.append(str(data["path"]))
+        elif event.kind == "warning":
+            job.warning = str(data["message"])
 
 
 class _OtherThreadsOnly(logging.Filter):
@@ -251,7 +254,7 @@ def describe(job: JobStatus | None) -> str:
     if job.eta_seconds is not None and job.running and job.state == "training":
         parts.append(f"ETA {_clock(job.eta_seconds)}")
     line = " · ".join(parts)
-    for extra in (job.message, job.notice):
+    for extra in (job.message, job.notice, job.warning):
         line += f"\n\n{extra}" if extra else ""
     return line
 

@@ -311,3 +311,34 @@ def test_nf4_bases_train_with_the_same_lora_keys(sd1_checkpoint, flux, dataset, 
             assert all(math.isfinite(loss) for _, loss in result.losses) and all(v.dtype == torch.float32 for v in loras[weights].values())
         assert loras["nf4"].keys() == loras["full"].keys()
         assert any(not torch.equal(loras["nf4"][k], loras["full"][k]) for k in loras["full"])  # 4 bits move it
+
+
+def test_a_sudden_slowdown_is_reported_once_with_the_levers(monkeypatch):
+    """Steps that become much slower than the run's best stretch (the driver lending system RAM) give one warning;
+    saves and previews (`paused`) and the first stretch (capture, compile) do not count."""
+    from lora_trainer.events import EventBus
+    from lora_trainer.jobs import JobStatus, Trainer, describe
+    from lora_trainer.train import loop
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+    events = []
+    config = quick_config("m", "d", "o", log_every_n_steps=2)
+    log = loop.LossLog(torch.device("cpu"), config, EventBus([events.append]), None, loop.TrainResult(None, "o", 0, 20),
+                       lambda: ["gradient_checkpointing: true"])
+    step = 0
+    for seconds, pause in ((30.0, 0), (0.5, 0), (0.4, 0), (0.5, 20.0), (5.0, 0), (5.0, 0)):  # per step, per stretch
+        for _ in range(2):
+            log.add(torch.tensor(1.0))
+            clock["now"] += seconds
+            step += 1
+            if pause:
+                with log.paused():
+                    clock["now"] += pause
+            log.step_done(step, 20, 0, 1e-4, last=False)
+    warnings = [e for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and warnings[0].step == 10  # the first slow stretch, not the paused one or the first
+    assert "(5.00 s a step against 0.40 s before)" in warnings[0].data["message"] and "gradient_checkpointing: true" in warnings[0].data["message"]
+    job = JobStatus("j", "name")
+    Trainer._on_event(None, job, warnings[0])
+    assert "Sysmem Fallback" in describe(job)  # the tab's status line and the API's JSON carry it

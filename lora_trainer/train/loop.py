@@ -12,6 +12,7 @@ device: noise is drawn on the training device).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -148,11 +149,11 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         evaluate("before")
     for module in backbone.trained_modules():
         module.train()
-    losses = LossLog(device, config, bus, writer, result)
+    levers = functools.partial(levers_off, config, in_host=given_backbone)
+    losses = LossLog(device, config, bus, writer, result, levers)
     device_gen = torch.Generator(device=device)
     bus.emit("progress", step, total_steps, phase="training")  # the steps start now: progress bars time from here
-    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), writer,
-                       lambda: levers_off(config, in_host=given_backbone)):
+    with stops_cleanly(result, bus, cancel, lambda: save("interrupted"), writer, levers):
         while micro < len(plan):
             if cancel.is_set() and micro % accumulation == 0:
                 raise KeyboardInterrupt
@@ -173,10 +174,12 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             result.steps = step
             losses.step_done(step, total_steps, epoch, step_fn.learning_rate(), last=micro == len(plan))
             if periodic_save_due(config, plan, micro, step, epoch):
-                save("periodic")
+                with losses.paused():
+                    save("periodic")
             if sampling and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and accelerator.is_main_process:
-                sample()
+                with losses.paused():
+                    sample()
         accelerator.wait_for_everyone()
         evaluate("after")
     if result.interrupted:
@@ -191,15 +194,38 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     return result
 
 
+SLOWDOWN = 3.0  # steps this many times slower than the run's best stretch: the GPU's memory is spilling
+
+
 class LossLog:
     """Step losses summed on the device and read back every `log_every_n_steps` (the loop's only host sync):
-    the mean goes into the result, a 'loss' event and TensorBoard; a NaN or inf stops the run."""
+    the mean goes into the result, a 'loss' event and TensorBoard; a NaN or inf stops the run.
 
-    def __init__(self, device: torch.device, config: TrainConfig, bus: EventBus, writer, result: TrainResult) -> None:
+    Each read-back also times the steps since the last one (saves and previews left out, `paused`): when they have
+    become SLOWDOWN times slower than the run's best stretch, the GPU is most likely out of memory and its driver
+    lending system RAM (which turns a run 10-100x slower without an error), and a 'warning' event says so, once,
+    with the `levers` still off."""
+
+    def __init__(self, device: torch.device, config: TrainConfig, bus: EventBus, writer, result: TrainResult,
+                 levers: Callable[[], list[str]] = list) -> None:
         self.total = torch.zeros((), device=device)
         self.count = 0
+        self.steps = 0  # optimizer steps since the last read-back
         self.tick = time.time()  # the start of the steps since the last read-back
-        self.config, self.bus, self.writer, self.result = config, bus, writer, result
+        self.paused_for = 0.0  # seconds since then spent saving and previewing
+        self.best: float | None = None  # the fastest seconds a step over a stretch so far (the first one left out)
+        self.stretches = 0
+        self.warned = False
+        self.config, self.bus, self.writer, self.result, self.levers = config, bus, writer, result, levers
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent here (saving, previews) is not the steps' time."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.paused_for += time.time() - start
 
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss.detach()
@@ -207,6 +233,7 @@ class LossLog:
 
     def step_done(self, step: int, total_steps: int, epoch: int, lr: float, last: bool) -> None:
         """A 'progress' event for the optimizer step just taken; the read-back when it is due."""
+        self.steps += 1
         self.bus.emit("progress", step, total_steps, epoch=epoch, lr=lr, seconds=time.time() - self.tick,
                       loss=self.result.losses[-1][1] if self.result.losses else None)
         if step % self.config.log_every_n_steps == 0 or last:
@@ -221,11 +248,30 @@ class LossLog:
                                 "mixed_precision: bf16 / no; the last good save is kept.")
         self.result.losses.append((step, mean_loss))
         self.bus.emit("loss", step, total_steps, loss=mean_loss, lr=lr)
+        per_step = max(time.time() - self.tick - self.paused_for, 1e-9) / max(self.steps, 1)
         if self.writer:
             self.writer.add_scalar("loss", mean_loss, step)
             self.writer.add_scalar("lr", lr, step)
-            self.writer.add_scalar("it_per_s", self.config.log_every_n_steps / max(time.time() - self.tick, 1e-9), step)
-        self.tick = time.time()
+            self.writer.add_scalar("it_per_s", 1 / per_step, step)
+        self.watch_speed(step, total_steps, per_step)
+        self.tick, self.paused_for, self.steps = time.time(), 0.0, 0
+
+    def watch_speed(self, step: int, total_steps: int, per_step: float) -> None:
+        """The spill warning (see the class); the first stretch (capture, compile, warm caches) sets no pace."""
+        self.stretches += 1
+        if self.stretches == 1:
+            return
+        if self.best is not None and per_step > SLOWDOWN * self.best and not self.warned:
+            self.warned = True
+            levers = self.levers()
+            message = (f"Training slowed down {per_step / self.best:.0f}x at step {step} ({per_step:.2f} s a step "
+                       f"against {self.best:.2f} s before). The GPU is most likely out of memory and its driver is "
+                       "lending system RAM (on Windows: NVIDIA's 'CUDA - Sysmem Fallback Policy'). Free the GPU of other "
+                       "programs" + (", or turn on " + "; or ".join(levers) if levers else "") + ". Setting that policy "
+                       "to 'Prefer No Sysmem Fallback' makes such a run stop with an out-of-memory message instead.")
+            log.warning(message)
+            self.bus.emit("warning", step, total_steps, message=message)
+        self.best = per_step if self.best is None else min(self.best, per_step)
 
 
 @contextlib.contextmanager
