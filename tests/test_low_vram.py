@@ -342,3 +342,28 @@ def test_a_sudden_slowdown_is_reported_once_with_the_levers(monkeypatch):
     job = JobStatus("j", "name")
     Trainer._on_event(None, job, warnings[0])
     assert "Sysmem Fallback" in describe(job)  # the tab's status line and the API's JSON carry it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_forge_nf4_files_train_in_nf4(flux, dataset, tmp_path):
+    """Forge's NF4 checkpoints (bitsandbytes' packed 4 bits with their state beside each weight): read, trained on
+    NF4 layers again (`auto`), or in full precision (`full`); the LoRA has the usual keys."""
+    import bitsandbytes as bnb
+
+    saved = {}
+    for key, value in load_file(str(flux)).items():
+        if key.endswith(".weight") and value.ndim == 2 and key.startswith(("double_blocks", "single_blocks")):
+            layer = bnb.nn.Linear4bit(value.shape[1], value.shape[0], bias=False, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(value.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
+            saved.update({f"{key}{name.removeprefix('weight')}": v for name, v in layer.to("cpu").state_dict().items()})
+        else:
+            saved[key] = value
+    nf4_file = flux.with_name("flux1-dev-tiny-bnb-nf4.safetensors")
+    save_file(saved, str(nf4_file))
+    loras = {}
+    for weights, held in (("auto", bnb.nn.Linear4bit), ("full", torch.nn.Linear)):
+        config = transformer_config(nf4_file, dataset, tmp_path / weights, base_weights=weights, max_steps=2)
+        backbone = FluxBackbone.load(config, None)
+        loras[weights] = train_and_keep(config, backbone)[1]
+        assert type(base_layer(backbone.transformer.get_submodule("single_transformer_blocks.0.proj_out"))) is held
+    assert loras["auto"].keys() == loras["full"].keys()

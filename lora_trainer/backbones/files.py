@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_trainer.backbones.checkpoint import PICKLE_SUFFIXES
 from lora_trainer.errors import CheckpointError
+from lora_trainer.memory import nf4 as nf4_layers
 from lora_trainer.memory.gguf_files import gguf_reader, read_gguf
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,19 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
         with safe_open(str(path), framework="pt") as f:
             names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 - safe_open is not iterable
             scales = {k for k in names if k.endswith((".scale_weight", ".weight_scale"))}
+            nf4 = {k.removesuffix(nf4_layers.STATE) for k in names if k.endswith(nf4_layers.STATE)}
+            nf4_parts = {k for k in names if k.rpartition(".weight.")[0] + ".weight" in nf4 and k not in nf4}
             for key in names:
-                if key in scales or key.endswith((".scale_input", ".input_scale", ".comfy_quant")) or \
-                        key[len(prefix):] == "scaled_fp8":
+                if key in scales or key in nf4_parts or \
+                        key.endswith((".scale_input", ".input_scale", ".comfy_quant")) or key[len(prefix):] == "scaled_fp8":
                     continue
                 tensor = f.get_tensor(key)
-                if tensor.dtype in FP8:
+                if key in nf4:  # bitsandbytes' packed 4 bits and the state beside them (Forge's NF4 files)
+                    parts = {k[len(key) + 1:]: f.get_tensor(k) for k in nf4_parts if k.startswith(f"{key}.")}
+                    tensor = nf4_layers.from_nf4(tensor, parts, dtype or torch.bfloat16)
+                    if stored is not None:
+                        stored[tensor.untyped_storage().data_ptr()] = nf4_layers.STORED
+                elif tensor.dtype in FP8:
                     base = key.removesuffix(".weight")
                     scale = next((f.get_tensor(s) for s in (f"{base}.scale_weight", f"{base}.weight_scale")
                                   if s in scales), None)
@@ -99,6 +107,8 @@ def read_weights(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
                 elif dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 out[key[len(prefix):]] = tensor
+    except ImportError as exc:
+        raise CheckpointError(f"{Path(path).name}: {exc}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"Cannot read {path}: {exc}. The file is probably truncated; download it again.") from None
     return out

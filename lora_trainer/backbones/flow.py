@@ -169,8 +169,9 @@ class FlowBackbone:
             log.info("Base weights (base_weights: %s): %s of the transformer's weights on the GPU.", config.base_weights,
                      ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count))
         self.stored = {}  # addresses of freed tensors from here on
-        current = next(self.transformer.parameters()).dtype
-        self.transformer.to(device) if current == dtype else self.transformer.to(device, dtype)
+        # a cast copies every weight: only when some differ (a file may mix dtypes: fp8 or NF4 blocks, fp32 rest)
+        mixed = any(p.dtype != dtype for p in self.transformer.parameters() if p.is_floating_point())
+        self.transformer.to(device, dtype) if mixed else self.transformer.to(device)
         return [(self.group(entry), entry.item.repeats * config.repeats) for entry in cache]
 
     def _encode_once(self, texts: list[str], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:

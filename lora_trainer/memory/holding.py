@@ -10,6 +10,7 @@ import torch
 from lora_trainer.memory.fp8 import Fp8Linear
 from lora_trainer.memory.gguf_files import Packed, packed_rows
 from lora_trainer.memory.gguf_weights import GGUFLinear
+from lora_trainer.memory.nf4 import STORED as STORED_NF4
 from lora_trainer.memory.nf4 import nf4_layer
 
 
@@ -19,7 +20,8 @@ def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, qua
     """Every linear layer inside `blocks` replaced, one at a time on `device` (never the whole model in full
     precision there), by the layer that holds it: with `quantize` ('fp8' or 'nf4') every layer in that format (fp8
     layers from an fp8 file keep their bytes); without, as `stored` says: GGUF blocks and fp8 bytes kept as they
-    are, the rest left as they are. NF4 layers multiply in `compute_dtype`.
+    are, weights read from NF4 quantized to NF4 again, the rest left as they are. NF4 layers multiply in
+    `compute_dtype`.
 
     `stored` (from `files.read_weights`) maps the storage address of a weight read from a quantized file to how the
     file holds it; a record that does not reproduce the weight exactly is not used. Returns the weights now held
@@ -34,7 +36,7 @@ def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, qua
             entry = stored.get(module.weight.untyped_storage().data_ptr())
             bias = None if module.bias is None else module.bias.detach().to(device)
             rows = packed_rows(module.weight, entry) if isinstance(entry, Packed) and not quantize else None
-            if quantize == "nf4":
+            if quantize == "nf4" or (isinstance(entry, str) and entry == STORED_NF4 and not quantize):
                 layer = nf4_layer(module, device, compute_dtype)
                 held["nf4"] += module.weight.numel()
             elif rows is not None:
