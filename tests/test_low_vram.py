@@ -293,6 +293,7 @@ def test_an_older_torch_refuses_fp8_and_holds_a_quantized_file_in_full_precision
     assert not holds_quantized("auto", True)
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_nf4_bases_train_with_the_same_lora_keys(sd1_checkpoint, flux, dataset, tmp_path):
     import bitsandbytes as bnb
@@ -344,6 +345,7 @@ def test_a_sudden_slowdown_is_reported_once_with_the_levers(monkeypatch):
     assert "Sysmem Fallback" in describe(job)  # the tab's status line and the API's JSON carry it
 
 
+@pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_forge_nf4_files_train_in_nf4(flux, dataset, tmp_path):
     """Forge's NF4 checkpoints (bitsandbytes' packed 4 bits with their state beside each weight): read, trained on
