@@ -214,7 +214,7 @@ class FlowBackbone:
             keep_lora_input_dtype(self.transformer)
         self.run["checkpointing_captured"] = True
         if config.gradient_checkpointing:
-            self.run["checkpointing_captured"] = enable_checkpointing(self.transformer)
+            self.run["checkpointing_captured"] = enable_checkpointing(self.transformer, recompute_in=attention_kernels)
         return [{"params": params, "lr": config.learning_rate}]
 
     def trained_modules(self) -> list[torch.nn.Module]:

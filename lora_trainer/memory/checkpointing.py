@@ -9,7 +9,9 @@ so its blocks are checkpointed without it and the step stays captured.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -20,13 +22,19 @@ def draws_random(model: torch.nn.Module) -> bool:
     return any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
 
 
-def enable_checkpointing(model: torch.nn.Module) -> bool:
+def enable_checkpointing(model: torch.nn.Module, recompute_in: Callable[[], contextlib.AbstractContextManager] | None = None) -> bool:
     """Turn on a diffusers model's gradient checkpointing; True when its step can still be captured as a CUDA graph
-    (the forward draws no random numbers and this diffusers takes our checkpoint function: 0.32 and later)."""
+    (the forward draws no random numbers and this diffusers takes our checkpoint function: 0.32 and later).
+
+    `recompute_in` gives the context the forward runs in (the flow families' choice of attention kernels): the
+    recompute happens inside the backward pass, outside it, and must pick the same kernels, or the recomputed
+    tensors differ from the saved ones (torch stops with "Recomputed values ... have different metadata")."""
     preserve = draws_random(model)
+    contexts = (lambda: (contextlib.nullcontext(), recompute_in())) if recompute_in else None
+    extra = {"context_fn": contexts} if contexts else {}
 
     def run(block, *args, **kwargs):
-        return checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=preserve, **kwargs)
+        return checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=preserve, **extra, **kwargs)
 
     if "gradient_checkpointing_func" in inspect.signature(model.enable_gradient_checkpointing).parameters:
         model.enable_gradient_checkpointing(gradient_checkpointing_func=run)
