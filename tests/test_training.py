@@ -419,6 +419,35 @@ def test_checkpointing_recomputes_without_the_random_state_unless_dropout_draws(
         assert all(p.grad is not None for p in params)
 
 
+def test_checkpointed_blocks_recompute_inside_the_forwards_context(sd1_checkpoint):
+    """The recompute runs in the backward pass, outside the context the forward ran in (the flow families' choice
+    of attention kernels): it re-enters it, or it can pick other kernels than the forward did (on the H200 torch
+    then stopped with "Recomputed values ... have different metadata")."""
+    import contextlib
+
+    from lora_trainer.memory.checkpointing import enable_checkpointing
+
+    entered = []
+
+    @contextlib.contextmanager
+    def kernels():
+        entered.append(torch.is_grad_enabled())
+        yield
+
+    unet = DiffusionBackbone.from_file(sd1_checkpoint).unet
+    unet.requires_grad_(False)
+    if not CHECKPOINTING_CAPTURABLE:  # diffusers before 0.32 checkpoints its own way: refused with a message
+        with pytest.raises(ConfigError, match="needs diffusers 0.32 or newer"):
+            enable_checkpointing(unet, recompute_in=kernels)
+        return
+    enable_checkpointing(unet, recompute_in=kernels)
+    noisy = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = unet(noisy, torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)).sample
+    assert entered == []
+    out.mean().backward()
+    assert len(entered) >= 4 and noisy.grad is not None  # once per checkpointed block
+
+
 def test_the_graph_ready_step_scales_the_fp16_loss_on_the_device():
     """With loss_scale (fp16), the update equals the unscaled one; a step whose gradients overflow changes
     nothing but the scale, which halves, exactly as torch's GradScaler does it."""

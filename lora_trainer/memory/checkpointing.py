@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lora_trainer.errors import ConfigError
+
 
 def draws_random(model: torch.nn.Module) -> bool:
     """Whether `model`'s forward has dropout that draws random masks (peft's LoRA dropout included)."""
@@ -39,5 +41,10 @@ def enable_checkpointing(model: torch.nn.Module, recompute_in: Callable[[], cont
     if "gradient_checkpointing_func" in inspect.signature(model.enable_gradient_checkpointing).parameters:
         model.enable_gradient_checkpointing(gradient_checkpointing_func=run)
         return not preserve
+    if recompute_in is not None:  # diffusers before 0.32 calls torch's checkpoint itself, without the context
+        import diffusers
+
+        raise ConfigError(f"gradient_checkpointing on this model needs diffusers 0.32 or newer (this is "
+                          f"{diffusers.__version__}): pip install -U diffusers, or gradient_checkpointing: false.")
     model.enable_gradient_checkpointing()  # diffusers before 0.32 calls torch's checkpoint itself, saving the state
     return False
