@@ -59,7 +59,7 @@ def read_gguf(path: Path, prefix: str = "", dtype: torch.dtype | None = None,
               packed: dict[int, Packed] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a GGUF file under `prefix` (removed), block-quantized ones dequantized to `dtype` (bf16 by
     default) and their blocks noted in `packed` by the storage address of the dequantized tensor, so that a layer
-    built on it can keep the blocks instead (`keep_packed`). Plain tensors keep their dtype, or take `dtype`."""
+    built on it can keep the blocks instead (`holding.hold_linears`). Plain tensors keep their dtype, or take `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for tensor in gguf_reader(path).tensors:
         if not tensor.name.startswith(prefix):

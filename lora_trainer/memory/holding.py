@@ -1,5 +1,5 @@
-"""How a frozen model's linear layers are held on the GPU: as stored in their file (fp8 bytes, GGUF blocks), in
-fp8 when the user asks (`base_weights: fp8`), or left in the training precision."""
+"""How a frozen model's linear layers are held on the GPU: as stored in their file (fp8 bytes, GGUF blocks, NF4),
+in fp8 or NF4 when the user asks (`base_weights`), or left in the training precision."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lora_trainer.memory.nf4 import nf4_layer
 
 
 def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, quantize: str | None,
-                 stored: Mapping[int, torch.Tensor | Packed] | None = None,
+                 stored: Mapping[int, torch.Tensor | Packed | str] | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Every linear layer inside `blocks` replaced, one at a time on `device` (never the whole model in full
     precision there), by the layer that holds it: with `quantize` ('fp8' or 'nf4') every layer in that format (fp8
