@@ -1,5 +1,5 @@
 """What makes a model fit a small GPU: checkpointing a CUDA graph can capture, frozen weights held as stored
-(fp8, GGUF) or in fp8, the levers an out-of-memory error names."""
+(fp8, GGUF, NF4) or in fp8 or NF4, the levers an out-of-memory error and the spill warning name."""
 
 from __future__ import annotations
 
