@@ -31,7 +31,7 @@ from lora_trainer.data.cache import assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
-from lora_trainer.memory import holds_quantized
+from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
 
 log = logging.getLogger(__name__)
@@ -160,14 +160,7 @@ class FlowBackbone:
         run["text_cache"] = texts  # kept where the step reads it: on the device when small, else in CPU memory
         self.prompt_cache = {p: texts[p] for p in [*prompts, ""] if p in texts}
         self.transformer.requires_grad_(False)
-        if holds_quantized(config.base_weights, bool(self.stored)):
-            from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
-
-            quantize = config.base_weights if config.base_weights in ("fp8", "nf4") else None
-            held = hold_linears(repeated_blocks(self.transformer), device, quantize=quantize, stored=self.stored,
-                                compute_dtype=dtype)
-            log.info("Base weights (base_weights: %s): %s of the transformer's weights on the GPU.", config.base_weights,
-                     ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count))
+        hold_base(repeated_blocks(self.transformer), config.base_weights, device, dtype, self.stored, "transformer")
         self.stored = {}  # addresses of freed tensors from here on
         # a cast copies every weight: only when some differ (a file may mix dtypes: fp8 or NF4 blocks, fp32 rest)
         mixed = any(p.dtype != dtype for p in self.transformer.parameters() if p.is_floating_point())
@@ -244,10 +237,8 @@ class FlowBackbone:
         return torch.compiler.set_stance("force_eager")
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """Checkpointing that must restore the random state (dropout) or that diffusers before 0.32 does its own way;
-        bitsandbytes' NF4 layers (not measured inside a CUDA graph yet)."""
-        return ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]) + \
-            (["base_weights: nf4 (bitsandbytes' layers)"] if config.base_weights == "nf4" else [])
+        """The memory levers' reasons (`memory.capture_blockers`)."""
+        return capture_blockers(config.base_weights, self.run["checkpointing_captured"])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), captions (dropped by draws from `gen`), noise and times (from

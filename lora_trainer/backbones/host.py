@@ -52,8 +52,8 @@ class HostBackbone(DiffusionBackbone):
                    image_decoder=decode_images, encoder_id=encoder_id)
 
     def prepare(self, config, data, accelerator, bus):
-        """As for a file, once `base_weights: fp8` is refused: the host's weights stay where the host keeps them, so
-        an fp8 copy would add to the memory it is meant to save."""
+        """As for a file, once `base_weights: fp8` or `nf4` is refused: the host's weights stay where the host keeps
+        them, so a quantized copy would add to the memory it is meant to save."""
         if config.base_weights in ("fp8", "nf4"):
             raise ConfigError(f"base_weights: {config.base_weights} is for models loaded from files. Inside a host the LoRA trains on "
                               "the host's loaded model as the host holds it (a quantized copy would add to its memory, not "

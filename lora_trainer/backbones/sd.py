@@ -41,7 +41,7 @@ from lora_trainer.lora.kohya import (
     save_lora_file,
     to_kohya,
 )
-from lora_trainer.memory import holds_quantized
+from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
 
 log = logging.getLogger(__name__)
@@ -312,13 +312,8 @@ class DiffusionBackbone:
             encoder.requires_grad_(False)
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         self.unet.requires_grad_(False)
-        if holds_quantized(config.base_weights, stored=False):
-            from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
-
-            held = hold_linears([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], device,
-                                quantize=config.base_weights, compute_dtype=dtype)
-            log.info("Base weights: %.2f B of the UNet's weights in %s on the GPU.", held[config.base_weights] / 1e9,
-                     config.base_weights)
+        hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
+                  dtype, what="UNet")
         _place(self.unet, device, dtype)
         # text conditioning: cached once unless captions change per step or the text encoder trains
         run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]
@@ -381,12 +376,9 @@ class DiffusionBackbone:
         return torch.compile(network)
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
-        """Text-encoder training runs outside the captured step; so does checkpointing that must restore the random
-        state (dropout) or that diffusers before 0.32 does its own way; and bitsandbytes' NF4 layers (not measured
-        inside a CUDA graph yet)."""
+        """Text-encoder training runs outside the captured step; so do some memory levers (`memory.capture_blockers`)."""
         return (["text-encoder training"] if self.run["te_train"] else []) + \
-            ([] if self.run["checkpointing_captured"] else ["gradient checkpointing with dropout or diffusers < 0.32"]) + \
-            (["base_weights: nf4 (bitsandbytes' layers)"] if config.base_weights == "nf4" else [])
+            capture_blockers(config.base_weights, self.run["checkpointing_captured"])
 
     def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), noise and timesteps (from `device_gen`), the noised latents,

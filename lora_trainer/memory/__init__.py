@@ -32,3 +32,25 @@ def holds_quantized(base_weights: str, stored: bool) -> bool:
                     "in full precision, which takes more GPU memory.", torch.__version__)
         return False
     return wanted
+
+
+def hold_base(blocks: list[torch.nn.Module], base_weights: str, device: torch.device, dtype: torch.dtype,
+              stored: dict | None = None, what: str = "model") -> None:
+    """The linear layers inside `blocks` held as `base_weights` says (`holding.hold_linears`; `stored`: how a quantized
+    file held them), logged; nothing when the run holds its base in full precision."""
+    if not holds_quantized(base_weights, bool(stored)):
+        return
+    from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
+
+    held = hold_linears(blocks, device, quantize=base_weights if base_weights in ("fp8", "nf4") else None,
+                        stored=stored, compute_dtype=dtype)
+    log.info("Base weights (base_weights: %s): %s of the %s's weights on the GPU.", base_weights,
+             ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count), what)
+
+
+def capture_blockers(base_weights: str, checkpointing_captured: bool) -> list[str]:
+    """Why the memory levers keep a step from being captured: checkpointing that must restore the random state
+    (dropout) or that diffusers before 0.32 does its own way; bitsandbytes' NF4 layers (not measured inside a CUDA
+    graph yet)."""
+    return ([] if checkpointing_captured else ["gradient checkpointing with dropout or diffusers < 0.32"]) + \
+        (["base_weights: nf4 (bitsandbytes' layers)"] if base_weights == "nf4" else [])
