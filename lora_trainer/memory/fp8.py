@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.memory.frozen import FrozenLinear
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -66,22 +68,17 @@ def _input_grad(ctx, grad):
 fp8_linear.register_autograd(_input_grad, setup_context=_keep_bytes)
 
 
-class Fp8Linear(torch.nn.Linear):
+class Fp8Linear(FrozenLinear):
     """A frozen linear layer whose weight is stored as fp8 (e4m3fn) with a scale per tensor or per row.
 
     The bytes are kept as uint8: a model's `.to(dtype)` casts every floating-point tensor and would turn them into a
-    full-precision copy, and peft (which reads `weight.dtype`) would make the LoRA fp8. `compute_dtype` is what peft
-    keeps this layer's LoRA in (it asks quantized layers for it).
+    full-precision copy, and peft (which reads `weight.dtype`) would make the LoRA fp8.
     """
 
-    compute_dtype = torch.float32
-
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        torch.nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
+        super().__init__(*weight.shape, bias)
         self.register_buffer("weight", weight.view(torch.uint8))
         self.register_buffer("scale", scale.float())
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def of(cls, linear: torch.nn.Linear, device: torch.device, stored_scale: torch.Tensor | None = None) -> Fp8Linear:
@@ -98,9 +95,8 @@ class Fp8Linear(torch.nn.Linear):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return fp8_linear(x.to(dtype), self.weight.view(FP8), self.scale, bias)
+        x, bias = self.inputs(x)
+        return fp8_linear(x, self.weight.view(FP8), self.scale, bias)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the layer multiplies with it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_trainer.memory.frozen import FrozenLinear
 from lora_trainer.memory.gguf_files import Packed, dequantized
 
 
@@ -51,23 +52,17 @@ def _input_grad(ctx, grad):
 gguf_linear.register_autograd(_input_grad, setup_context=_keep_bytes)
 
 
-class GGUFLinear(torch.nn.Linear):
-    """A frozen linear layer holding a GGUF file's packed blocks (uint8, which a model's `.to(dtype)` leaves alone);
-    `compute_dtype` is what peft keeps its LoRA in."""
-
-    compute_dtype = torch.float32
+class GGUFLinear(FrozenLinear):
+    """A frozen linear layer holding a GGUF file's packed blocks (uint8, which a model's `.to(dtype)` leaves alone)."""
 
     def __init__(self, packed: Packed, bias: torch.Tensor | None) -> None:
-        torch.nn.Module.__init__(self)
-        self.out_features, self.in_features = packed.data.shape[0], packed.columns
+        super().__init__(packed.data.shape[0], packed.columns, bias)
         self.qtype = packed.qtype
         self.register_buffer("weight", packed.data)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return gguf_linear(x.to(dtype), self.weight, self.qtype, self.in_features, bias)
+        x, bias = self.inputs(x)
+        return gguf_linear(x, self.weight, self.qtype, self.in_features, bias)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the layer multiplies with it."""
