@@ -190,6 +190,9 @@ class CausalLMBackbone:
         if config.base_weights in ("fp8", "nf4"):
             raise ConfigError(f"base_weights: {config.base_weights} is for image models; a language model's base is made smaller with "
                               "load_in_4bit: true. Set base_weights: auto.")
+        if config.stream_blocks:
+            raise ConfigError("stream_blocks is for the diffusion transformers (Flux.1, Z-Image, klein); a language model "
+                              "is made smaller with load_in_4bit: true and gradient_checkpointing. Set stream_blocks: 0.")
         folder = _model_folder(config)
         tokenizer = _tokenizer(folder)
         model_config = AutoConfig.from_pretrained(folder, local_files_only=True)

@@ -33,6 +33,7 @@ from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype,
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
 from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
+from lora_trainer.memory.streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,13 @@ class FlowBackbone:
         if config.train_text_encoder:
             raise ConfigError("train_text_encoder is for the SD families; the text encoders of diffusion transformers "
                               "(T5-XXL, Qwen3) stay frozen and their outputs are cached. Set train_text_encoder: false.")
+        if config.stream_blocks and not config.gradient_checkpointing:
+            raise ConfigError("stream_blocks needs gradient_checkpointing: true: the backward pass must run each streamed "
+                              "block again, with its weights copied in again, rather than keep them on the GPU. Turn "
+                              "gradient_checkpointing on, or set stream_blocks: 0.")
+        if config.stream_blocks and config.base_weights == "nf4":
+            raise ConfigError("stream_blocks does not stream bitsandbytes' NF4 layers: use base_weights: fp8 with "
+                              "stream_blocks, or NF4 (a quarter of the memory) without it.")
         if config.shuffle_captions:
             raise ConfigError("shuffle_captions would need the large text encoder at every step; this family's caption "
                               "encodings are computed once and cached. Set shuffle_captions: false (caption_dropout works).")
@@ -160,8 +168,14 @@ class FlowBackbone:
         run["text_cache"] = texts  # kept where the step reads it: on the device when small, else in CPU memory
         self.prompt_cache = {p: texts[p] for p in [*prompts, ""] if p in texts}
         self.transformer.requires_grad_(False)
-        hold_base(repeated_blocks(self.transformer), config.base_weights, device, dtype, self.stored, "transformer")
+        blocks = repeated_blocks(self.transformer)
+        stream = BlockStreamer(blocks, config.stream_blocks, device, dtype) if config.stream_blocks else None
+        hold_base(blocks, config.base_weights, device, dtype, self.stored, "transformer",
+                  each=stream.adopt if stream else None)
         self.stored = {}  # addresses of freed tensors from here on
+        if stream:
+            stream.finish()  # before the model moves: the streamed blocks' tensors are views into GPU buffers now
+            run["stream"] = stream
         # a cast copies every weight: only when some differ (a file may mix dtypes: fp8 or NF4 blocks, fp32 rest)
         mixed = any(p.dtype != dtype for p in self.transformer.parameters() if p.is_floating_point())
         self.transformer.to(device, dtype) if mixed else self.transformer.to(device)
@@ -220,6 +234,9 @@ class FlowBackbone:
         element-wise kernels fused), and compiling took 48 s where the whole 57-block model takes minutes. Previews run
         the blocks uncompiled (`render`): their shapes and no-grad mode would each cost a compile."""
         blocks = repeated_blocks(network)
+        if self.run.get("stream"):
+            log.warning("torch_compile is not used with stream_blocks yet (not measured together); training uncompiled.")
+            return network
         if not hasattr(torch.compiler, "set_stance"):  # torch before 2.6: previews could not run the blocks plainly
             log.warning("torch_compile needs torch 2.6 or newer for %s models; training uncompiled.", self.family)
             return network
@@ -290,12 +307,18 @@ class FlowBackbone:
     def loss(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean squared error of the predicted velocity, per example weighted if asked."""
         cond = {k.removeprefix("cond_"): v for k, v in inputs.items() if k.startswith("cond_")}
+        self.new_pass()
         with attention_kernels():
             pred = self.predict(network, inputs["noisy"], inputs["sigmas"], cond)
         loss = F.mse_loss(pred.float(), inputs["target"].float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         if "weight" in inputs:
             loss = loss * inputs["weight"]
         return loss.mean()
+
+    def new_pass(self) -> None:
+        """Before each call of the transformer: block streaming starts its copies afresh (`BlockStreamer.reset`)."""
+        if self.run.get("stream"):
+            self.run["stream"].reset()
 
     def evaluate(self) -> dict[str, float]:
         """No held-out measure for images yet."""
@@ -334,8 +357,10 @@ class FlowBackbone:
         with torch.no_grad(), self.uncompiled():
             for sigma, sigma_next in itertools.pairwise(schedule):
                 t = torch.full((1,), float(sigma), device=device)
+                self.new_pass()
                 velocity = self.predict(self.transformer, x, t, cond, guidance=guidance).float()
                 if uncond is not None:
+                    self.new_pass()
                     negative_v = self.predict(self.transformer, x, t, uncond, guidance=guidance).float()
                     velocity = negative_v + guidance * (velocity - negative_v)
                 x = (x.float() + (float(sigma_next) - float(sigma)) * velocity).to(dtype)

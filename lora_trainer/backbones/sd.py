@@ -113,6 +113,10 @@ class DiffusionBackbone:
         """The image folder, scanned (nothing decoded yet); an init_lora of another family is refused here too."""
         if config.init_lora:
             _check_init_lora_family(config.init_lora, config.family)
+        if config.stream_blocks:
+            raise ConfigError("stream_blocks is for the diffusion transformers (Flux.1, Z-Image, klein), whose blocks are "
+                              "alike; an SD UNet fits small GPUs with gradient_checkpointing and base_weights: fp8. Set "
+                              "stream_blocks: 0.")
         if config.timestep_sampling not in (None, "uniform") or config.loss_weighting != "none":
             raise ConfigError("timestep_sampling and loss_weighting are for the flow-matching families (Flux.1, Z-Image, "
                               "klein); SD models draw timesteps uniformly and weight the loss with min_snr_gamma. "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -35,15 +36,17 @@ def holds_quantized(base_weights: str, stored: bool) -> bool:
 
 
 def hold_base(blocks: list[torch.nn.Module], base_weights: str, device: torch.device, dtype: torch.dtype,
-              stored: dict | None = None, what: str = "model") -> None:
+              stored: dict | None = None, what: str = "model",
+              each: Callable[[torch.nn.Module], None] | None = None) -> None:
     """The linear layers inside `blocks` held as `base_weights` says (`holding.hold_linears`; `stored`: how a quantized
-    file held them), logged; nothing when the run holds its base in full precision."""
+    file held them; `each` called with every block once held), logged; nothing when the run holds its base in full
+    precision."""
     if not holds_quantized(base_weights, bool(stored)):
         return
     from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
 
     held = hold_linears(blocks, device, quantize=base_weights if base_weights in ("fp8", "nf4") else None,
-                        stored=stored, compute_dtype=dtype)
+                        stored=stored, compute_dtype=dtype, each=each)
     log.info("Base weights (base_weights: %s): %s of the %s's weights on the GPU.", base_weights,
              ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count), what)
 

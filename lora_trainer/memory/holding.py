@@ -3,7 +3,7 @@ in fp8 or NF4 when the user asks (`base_weights`), or left in the training preci
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -16,12 +16,14 @@ from lora_trainer.memory.nf4 import nf4_layer
 
 def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, quantize: str | None,
                  stored: Mapping[int, torch.Tensor | Packed | str] | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+                 compute_dtype: torch.dtype = torch.bfloat16,
+                 each: Callable[[torch.nn.Module], None] | None = None) -> dict[str, int]:
     """Every linear layer inside `blocks` replaced, one at a time on `device` (never the whole model in full
     precision there), by the layer that holds it: with `quantize` ('fp8' or 'nf4') every layer in that format (fp8
     layers from an fp8 file keep their bytes); without, as `stored` says: GGUF blocks and fp8 bytes kept as they
     are, weights read from NF4 quantized to NF4 again, the rest left as they are. NF4 layers multiply in
-    `compute_dtype`.
+    `compute_dtype`. `each` is called with every block once its layers are held (block streaming takes it off the
+    device there, so the whole model is never on it).
 
     `stored` (from `files.read_weights`) maps the storage address of a weight read from a quantized file to how the
     file holds it; a record that does not reproduce the weight exactly is not used. Returns the weights now held
@@ -49,6 +51,8 @@ def hold_linears(blocks: Iterable[torch.nn.Module], device: torch.device, *, qua
                 continue
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, layer)
+        if each is not None:
+            each(block)
     return held
 
 

@@ -1,0 +1,109 @@
+"""Block streaming: the transformer families train the same LoRA, bit for bit, when their blocks' frozen weights
+come through two shared buffers instead of each sitting in its own place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import transformer_config
+
+from lora_trainer.backbones.flow import repeated_blocks
+from lora_trainer.backbones.flux import FluxBackbone
+from lora_trainer.backbones.flux2 import KleinBackbone
+from lora_trainer.backbones.tiny_flow import build_tiny_flux
+from lora_trainer.backbones.tiny_flux2 import build_tiny_klein
+from lora_trainer.backbones.tiny_zimage import build_tiny_zimage
+from lora_trainer.backbones.zimage import ZImageBackbone
+from lora_trainer.errors import ConfigError
+from lora_trainer.lora.kohya import read_lora_file
+from lora_trainer.memory.fp8 import Fp8Linear
+from lora_trainer.memory.streaming import BlockStreamer
+from lora_trainer.train.loop import train_lora
+
+FAMILIES = {"flux1": (build_tiny_flux, FluxBackbone), "zimage": (build_tiny_zimage, ZImageBackbone),
+            "klein4b": (build_tiny_klein, KleinBackbone)}
+
+
+def trained(family, checkpoint, dataset, out, **options):
+    """The LoRA a 3-step checkpointed run gives, and the backbone it ran on."""
+    config = transformer_config(checkpoint, dataset, out, max_steps=3, gradient_checkpointing=True, seed=3, **options)
+    backbone = FAMILIES[family][1].load(config, None)
+    result = train_lora(config, backbone=backbone)
+    return read_lora_file(result.lora_file)[0], backbone
+
+
+def shares_buffers(stream: BlockStreamer) -> bool:
+    """Whether every streamed block's frozen tensors are views into one of the two slots."""
+    slots = {buffer.untyped_storage().data_ptr() for buffer in stream.buffers}
+    assert len(slots) == stream.slots
+    return all(tensor.untyped_storage().data_ptr() in slots
+               for block in stream.blocks for tensor in [*block.parameters(), *block.buffers()]
+               if not tensor.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_blocks_train_the_same_lora_bit_for_bit(family, dataset, tmp_path, monkeypatch):
+    checkpoint = FAMILIES[family][0](tmp_path / "model")
+    plain, _ = trained(family, checkpoint, dataset, tmp_path / "plain")
+    total = len(repeated_blocks(FAMILIES[family][1].load(transformer_config(checkpoint, dataset, tmp_path),
+                                                         None).transformer))
+    # some blocks (spread out) through the two buffers; every block (99: more than there are) through one buffer,
+    # so that the tiny models' few blocks take turns in it, in the forward pass and again in the backward pass
+    for count, slots in ((2, 2), (99, 1)):
+        monkeypatch.setattr(BlockStreamer, "slots", slots)
+        streamed, backbone = trained(family, checkpoint, dataset, tmp_path / f"streamed{count}", stream_blocks=count)
+        stream = backbone.run["stream"]
+        assert stream.count == min(count, total) and shares_buffers(stream)
+        assert streamed.keys() == plain.keys()
+        for key in plain:
+            assert torch.equal(streamed[key], plain[key]), (count, key)
+        assert any(v.abs().max() > 0 for k, v in streamed.items() if "lora_up" in k or "lora_B" in k)
+
+
+def test_streaming_holds_fp8_blocks_as_their_bytes(dataset, tmp_path):
+    checkpoint = build_tiny_flux(tmp_path / "model")
+    plain, _ = trained("flux1", checkpoint, dataset, tmp_path / "plain", base_weights="fp8")
+    streamed, backbone = trained("flux1", checkpoint, dataset, tmp_path / "streamed", base_weights="fp8",
+                                 stream_blocks=99)
+    stream = backbone.run["stream"]
+    layers = [m for block in stream.blocks for m in block.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.weight.dtype == torch.uint8 and m.scale.dtype == torch.float32 for m in layers)
+    assert shares_buffers(stream)
+    assert all(torch.equal(streamed[k], plain[k]) for k in plain)
+
+
+def test_blocks_run_out_of_order_still_get_their_own_weights():
+    """A block that runs when its slot holds another block's weights (an order the prefetch did not foresee) has
+    its own copied in first."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(8, 8) for _ in range(5)]
+    expected = [block.weight.detach().clone() for block in blocks]
+    for block in blocks:
+        block.requires_grad_(False)
+    stream = BlockStreamer(blocks, 5, torch.device("cpu"), torch.float32)
+    stream.finish()
+    seen = []
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append(module.weight.clone()))
+    order = [0, 3, 1, 4, 4, 2, 0]
+    x = torch.ones(1, 8)
+    for j in order:
+        blocks[j](x)
+    assert all(torch.equal(weight, expected[j]) for weight, j in zip(seen, order))
+    assert shares_buffers(stream)
+
+
+def test_streaming_is_refused_without_checkpointing_and_on_the_sd_families(sd1_checkpoint, dataset, tmp_path):
+    from conftest import quick_config
+
+    from lora_trainer.backbones.sd import DiffusionBackbone
+
+    checkpoint = build_tiny_flux(tmp_path / "model")
+    with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
+        FluxBackbone.read_data(transformer_config(checkpoint, dataset, tmp_path / "a", stream_blocks=4))
+    with pytest.raises(ConfigError, match="NF4"):
+        FluxBackbone.read_data(transformer_config(checkpoint, dataset, tmp_path / "a", stream_blocks=4,
+                                                  gradient_checkpointing=True, base_weights="nf4"))
+    with pytest.raises(ConfigError, match="diffusion transformers"):
+        DiffusionBackbone.read_data(quick_config(sd1_checkpoint, dataset, tmp_path / "b", stream_blocks=4,
+                                                 gradient_checkpointing=True))
