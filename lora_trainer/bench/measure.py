@@ -54,10 +54,11 @@ def memory_cap(device: torch.device, gib: float | None):
     if device.type != "cuda" or not gib:
         yield
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
