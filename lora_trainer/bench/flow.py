@@ -246,7 +246,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
 
         options = {} if size == "real" else {"resolution": 64}
         # two eager runs of the same seed give the noise floor of the captured-vs-eager comparison
-        captured = {"cuda_graphs": "auto", "torch_compile": "off"}
+        captured = {"cuda_graphs": "on", "torch_compile": "off"}
         modes = [] if lean else [("eager", {"cuda_graphs": "off", "torch_compile": "off"}),
                                  ("eager again", {"cuda_graphs": "off", "torch_compile": "off"})]
         modes.append(("captured", captured))
@@ -267,7 +267,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             modes.append((f"gguf {gguf} + checkpointing", {**captured, "gradient_checkpointing": True,
                                                             "vram_gib": vram_gib}))
         if compile_model:
-            modes.append(("compiled", {"cuda_graphs": "auto", "torch_compile": "on"}))
+            modes.append(("compiled", {"cuda_graphs": "on", "torch_compile": "on"}))
         modes = [(name, mode) for name, mode in modes if not only or name in only]
         flops = None
         for name, mode in modes:
