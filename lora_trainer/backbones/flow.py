@@ -33,6 +33,7 @@ from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype,
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
 from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
+from lora_trainer.memory.plan import MemoryParts
 from lora_trainer.memory.streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,20 @@ class FlowBackbone:
         if not self.run.get("compiled_blocks"):
             return contextlib.nullcontext()
         return torch.compiler.set_stance("force_eager")
+
+    def memory_parts(self, config: TrainConfig) -> MemoryParts:
+        """What the run puts on the GPU (`memory.plan`): the transformer, its blocks (quantized, streamed), the text
+        encoders and the autoencoder while the inputs are cached."""
+        channels, height, width = self.latent_shape(config.resolution)
+        return MemoryParts(family=self.family, network=self.transformer, targets=self.lora_targets(config.lora_targets),
+                           blocks=repeated_blocks(self.transformer), encoders=[*self.text_encoders, self.vae],
+                           tokens=self.image_seq_len(height, width) + self.text_tokens(),
+                           latent_bytes=2 * channels * height * width, streams=True, stored=self.stored)
+
+    def text_tokens(self) -> int:
+        """Caption tokens the transformer sees with the image (the family's padded length; a typical caption where
+        the length follows the caption)."""
+        return 512
 
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """The memory levers' reasons (`memory.capture_blockers`)."""

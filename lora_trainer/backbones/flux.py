@@ -323,6 +323,9 @@ class FluxBackbone(FlowBackbone):
         """Flux.1 takes its guidance as an input (dev) or needs none (schnell): no negative prompt pass."""
         return False
 
+    def text_tokens(self) -> int:
+        return self.t5_length()
+
     def t5_length(self) -> int:
         """T5 tokens per caption: 512 for dev, 256 for schnell (as the pipelines use them)."""
         return 256 if self.variant == "schnell" else 512

@@ -29,6 +29,7 @@ class HostBackbone(DiffusionBackbone):
     release: Callable[[], None] | None = field(default=None, kw_only=True)
     image_decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, kw_only=True)
     encoder_id: str = field(default="", kw_only=True)  # names the host's image encoder (see `identity`)
+    shares_unet = True
 
     @classmethod
     def from_ldm_unet(cls, unet_state_dict: dict[str, torch.Tensor], family: str, *,

@@ -43,6 +43,7 @@ from lora_trainer.lora.kohya import (
 )
 from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
+from lora_trainer.memory.plan import MemoryParts
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,20 @@ class DiffusionBackbone:
         if self.prediction_type == "v_prediction":
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noise
+
+    def memory_parts(self, config: TrainConfig) -> MemoryParts:
+        """What the run puts on the GPU (`memory.plan`): the UNet (already there when a host shares it), its blocks
+        (quantized), the text encoders (while training, if they train) and the autoencoder."""
+        trains_text = config.train_text_encoder or bool(config.init_lora)
+        encoders = [] if trains_text else list(self.text_encoders)
+        latent = config.resolution // 8
+        return MemoryParts(family=self.family, network=self.unet, targets=self.unet_lora_targets(config.lora_targets),
+                           blocks=[*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks],
+                           encoders=[*encoders, self.vae], tokens=latent * latent,
+                           latent_bytes=2 * self.unet.config.in_channels * latent * latent,
+                           extra=list(self.text_encoders) if trains_text else [], resident=self.shares_unet)
+
+    shares_unet = False  # a host's UNet: already on its GPU
 
     def unet_lora_targets(self, kind: str) -> list[str]:
         """Full names of the UNet modules a LoRA of `kind` wraps (attention, attention_ff, locon)."""

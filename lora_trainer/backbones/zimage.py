@@ -433,6 +433,10 @@ class ZImageBackbone(FlowBackbone):
     def file_targets(self) -> dict[str, FileTarget]:
         return names(self.transformer.config)
 
+    def text_tokens(self) -> int:
+        """A caption's tokens follow its length (at most 512, in steps of 32): a typical caption's 64."""
+        return 64
+
     def lora_targets(self, kind: str) -> list[str]:
         """attention: q, k, v and out of the main layers; attention_ff: also their feed-forwards (musubi-tuner's
         default); locon: every linear layer, the refiners, modulations and embedders too (as ai-toolkit)."""

@@ -163,6 +163,28 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=f"{meta['help']} (default: {f.default})")
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """`plan`: the run's predicted peak GPU memory and the levers that make it fit (the model is read into CPU
+    memory for its shapes; nothing goes to the GPU)."""
+    import torch
+
+    from lora_trainer.backbones import backbone_class
+    from lora_trainer.memory.plan import GIB, free_memory, report
+
+    config = load_config(args.config, args.set)
+    if config.model_type != "image":
+        raise LoraTrainerError("plan is for image models; a language model's memory follows load_in_4bit, "
+                               "max_seq_length and gradient_checkpointing.")
+    kind, family = backbone_class(config)
+    config = resolve(config, family)
+    data = kind.read_data(config)
+    backbone = kind.load(config, data)
+    free = int(args.vram_gib * GIB) if args.vram_gib else \
+        free_memory(torch.device("cuda")) if torch.cuda.is_available() else None
+    print(report(config, backbone.memory_parts(config), len(data.items), free))
+    return 0
+
+
 def _config_from_flags(args: argparse.Namespace, cls: type):
     """The config dataclass from the flags that were given."""
     return make_config({f.name: getattr(args, f.name) for f in config_fields(cls) if getattr(args, f.name) is not None}, cls)
@@ -282,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="Print the resolved config (presets filled in) and exit.")
     train.add_argument("--help-config", action="store_true", help="List every config key with its default and range.")
     train.set_defaults(run=_train)
+
+    plan = commands.add_parser("plan", help="Predict a run's peak GPU memory and the levers that make it fit.")
+    plan.add_argument("--config", type=Path, help="YAML config file, as for train.")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one config key.")
+    plan.add_argument("--vram-gib", type=float, default=0, help="Plan for a card with this much free memory "
+                      "(default: this machine's GPU).")
+    plan.set_defaults(run=_plan)
 
     caption = commands.add_parser("caption", help="Caption a folder of images with BLIP.")
     caption.add_argument("folder", type=Path)

@@ -37,10 +37,7 @@ class BlockStreamer:
     slots = 2
 
     def __init__(self, blocks: Sequence[torch.nn.Module], count: int, device: torch.device, dtype: torch.dtype) -> None:
-        total = len(blocks)
-        count = max(0, min(count, total))
-        picks = sorted({min(total - 1, int((j + 0.5) * total / count)) for j in range(count)}) if count else []
-        self.blocks = [blocks[i] for i in picks]
+        self.blocks = [blocks[i] for i in picked(len(blocks), count)]
         self.position = {id(block): j for j, block in enumerate(self.blocks)}
         self.device, self.dtype = torch.device(device), dtype
         self.cuda = self.device.type == "cuda"
@@ -137,6 +134,13 @@ class BlockStreamer:
         else:
             self.buffers[slot][:stored.numel()].copy_(stored)
         self.holds[slot] = j
+
+
+def picked(total: int, count: int) -> list[int]:
+    """Which of `total` blocks `count` streamed ones are: spread evenly, so that each copy has the blocks before it
+    to overlap with."""
+    count = max(0, min(count, total))
+    return sorted({min(total - 1, int((j + 0.5) * total / count)) for j in range(count)}) if count else []
 
 
 def _view(flat: torch.Tensor, entry) -> torch.Tensor:

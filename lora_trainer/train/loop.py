@@ -29,6 +29,7 @@ from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.events import CancelToken, EventBus, Listener
 from lora_trainer.memory.levers import levers_off
+from lora_trainer.memory.plan import plan_memory
 from lora_trainer.train import state as checkpoints
 from lora_trainer.train.step import make_step
 
@@ -71,6 +72,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     given_backbone = backbone is not None  # a host's loaded model
     if backbone is None:
         backbone = kind.load(config, data)
+    config, planned = plan_memory(config, backbone, len(getattr(data, "items", ())), device, in_host=given_backbone)
     examples = backbone.prepare(config, data, accelerator, bus)
     config = backbone.settle(config)
 
@@ -97,6 +99,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     (out_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
     writer = _tensorboard(out_dir / "logs") if accelerator.is_main_process else None
     result = TrainResult(None, out_dir, step, total_steps)
+    if planned is not None:
+        result.metrics["planned_peak_gib"] = round(planned.peak / 2**30, 2)
     meta = {"started_at": started_at, "total_steps": total_steps}
 
     def save(what: str) -> Path | None:
