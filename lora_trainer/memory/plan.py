@@ -52,6 +52,7 @@ class MemoryParts:
     streams: bool = False  # whether stream_blocks applies
     resident: bool = False  # the network already sits on the GPU (a host's model): its weights cost nothing new
     stored: dict = field(default_factory=dict)  # how a quantized file holds weights (files.read_weights)
+    sums: dict = field(default_factory=dict, repr=False)  # the weights' sums, once per way of holding them
 
 
 @dataclass
@@ -126,28 +127,31 @@ def estimate(parts: MemoryParts, config: TrainConfig, images: int, dtype: torch.
     quantized = config.base_weights in ("fp8", "nf4") or (config.base_weights == "auto" and bool(parts.stored))
     weights = 0
     if not parts.resident:
-        block_ids = {id(p) for block in parts.blocks for p in [*block.parameters(), *block.buffers()]}
-        size = torch.empty((), dtype=dtype).element_size()
-        rest = [p for p in [*parts.network.parameters(), *parts.network.buffers()] if id(p) not in block_ids]
-        weights = sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in rest)
-        held = [held_bytes(block, config.base_weights if quantized else "full", parts.stored, dtype)
-                for block in parts.blocks]
+        how = config.base_weights if quantized else "full"
+        if (how, dtype) not in parts.sums:
+            block_ids = {id(p) for block in parts.blocks for p in [*block.parameters(), *block.buffers()]}
+            size = torch.empty((), dtype=dtype).element_size()
+            rest = [p for p in [*parts.network.parameters(), *parts.network.buffers()] if id(p) not in block_ids]
+            parts.sums[how, dtype] = (sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in rest),
+                                      [held_bytes(block, how, parts.stored, dtype) for block in parts.blocks])
+        weights, held = parts.sums[how, dtype]
         streamed = [held[i] for i in picked(len(held), config.stream_blocks)] if parts.streams else []
         weights += sum(held) - sum(streamed) + (2 * max(streamed) if streamed else 0)
         weights += sum(_bytes(module.parameters()) for module in parts.extra)
-    lora = 0
-    for name in parts.targets:
-        layer = parts.network.get_submodule(name)
-        shape = layer.weight.shape
-        inputs = shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)
-        lora += config.lora_rank * (inputs + shape[0])
-    lora *= 16  # fp32 weight, gradient, AdamW's two moments
+    if "lora" not in parts.sums:  # the LoRA's input and output sizes, whatever its rank
+        sizes = [parts.network.get_submodule(name).weight.shape for name in parts.targets]
+        parts.sums["lora"] = sum(shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) + shape[0]
+                                 for shape in sizes)
+    lora = 16 * config.lora_rank * parts.sums["lora"]  # fp32 weight, gradient, AdamW's two moments
     no_checkpointing, checkpointing, tokens, wide = ACTIVATIONS.get(parts.family, ACTIVATIONS["sdxl"])
     per_token = (checkpointing if config.gradient_checkpointing else no_checkpointing) * GIB / tokens
-    activations = int(per_token * parts.tokens * config.batch_size * width(parts.blocks) / wide)
+    parts.sums.setdefault("width", width(parts.blocks))
+    activations = int(per_token * parts.tokens * config.batch_size * parts.sums["width"] / wide)
     caches = images * parts.latent_bytes * (2 if config.flip_aug else 1)
-    encoding = caches + max((_encoder_peak(encoder, config) for encoder in parts.encoders if encoder is not None),
-                            default=0)
+    if ("encoding", config.resolution) not in parts.sums:
+        parts.sums["encoding", config.resolution] = max(
+            (_encoder_peak(encoder, config) for encoder in parts.encoders if encoder is not None), default=0)
+    encoding = caches + parts.sums["encoding", config.resolution]
     return Estimate(encoding=encoding, weights=weights, lora=lora, activations=activations, caches=caches)
 
 
