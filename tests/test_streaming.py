@@ -107,3 +107,17 @@ def test_streaming_is_refused_without_checkpointing_and_on_the_sd_families(sd1_c
     with pytest.raises(ConfigError, match="diffusion transformers"):
         DiffusionBackbone.read_data(quick_config(sd1_checkpoint, dataset, tmp_path / "b", stream_blocks=4,
                                                  gradient_checkpointing=True))
+
+
+def test_an_out_of_memory_error_names_streaming_for_the_transformer_families_only(sd1_checkpoint, dataset, tmp_path):
+    from conftest import quick_config
+
+    from lora_trainer.config import resolve
+    from lora_trainer.memory.levers import levers_off
+
+    flux = resolve(transformer_config(tmp_path, dataset, tmp_path, stream_blocks=8, gradient_checkpointing=True),
+                   "flux1")
+    assert any(lever.startswith("stream_blocks: N (more than 8)") for lever in levers_off(flux))
+    assert not any("stream_blocks" in lever for lever in levers_off(flux, in_host=True))
+    sd = resolve(quick_config(sd1_checkpoint, dataset, tmp_path), "sd1")
+    assert not any("stream_blocks" in lever for lever in levers_off(sd))

@@ -14,6 +14,10 @@ def levers_off(config: TrainConfig, *, in_host: bool = False) -> list[str]:
                       "captured step)")
     if config.model_type == "image" and config.base_weights not in ("fp8", "nf4") and not in_host:
         levers.append("base_weights: fp8 (the frozen model in half the memory)")
+    if config.family in ("flux1", "zimage", "klein") and not in_host and config.base_weights != "nf4":
+        more = f" (more than {config.stream_blocks})" if config.stream_blocks else ""
+        levers.append(f"stream_blocks: N{more} (N of the transformer's blocks kept in CPU memory, about 1% slower; "
+                      "with gradient_checkpointing)")
     if config.model_type == "image" and config.base_weights != "nf4" and not in_host:
         levers.append("base_weights: nf4 (a quarter of the memory; moves the LoRA more)")
     if config.model_type == "causal_lm" and not config.load_in_4bit:
