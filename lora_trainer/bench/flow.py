@@ -190,7 +190,8 @@ def _time(backbone, data: Path, out: Path, steps: int, device: torch.device, vra
     result = {"steps_per_s": (step1 - step0) / (time1 - time0), "first_5_steps_s": time0 - started[0],
               "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
               "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "lora_file": trained.lora_file, "losses": trained.losses}
+              "lora_file": trained.lora_file, "losses": trained.losses,
+              "planned_peak_gib": trained.metrics.get("planned_peak_gib")}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -217,13 +218,14 @@ def step_flops(backbone, device: torch.device) -> float:
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
                fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "",
-               nf4: bool = False, stream: int = 0, only: tuple[str, ...] = ()) -> dict:
+               nf4: bool = False, stream: int = 0, memory_auto: bool = False, only: tuple[str, ...] = ()) -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
     The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
     `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
     drift); `only` keeps the rows of these names; `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it; `stream` a row
-    of fp8 + checkpointing with that many blocks streamed (`stream_blocks`)."""
+    of fp8 + checkpointing with that many blocks streamed (`stream_blocks`); `memory_auto` a row where the memory plan
+    picks the levers for the `vram_gib` cap (the others train as set)."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -246,9 +248,10 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
 
         options = {} if size == "real" else {"resolution": 64}
         # two eager runs of the same seed give the noise floor of the captured-vs-eager comparison
-        captured = {"cuda_graphs": "on", "torch_compile": "off"}
-        modes = [] if lean else [("eager", {"cuda_graphs": "off", "torch_compile": "off"}),
-                                 ("eager again", {"cuda_graphs": "off", "torch_compile": "off"})]
+        # every row trains as set (memory: off), but the one that lets the memory plan choose under the cap
+        captured = {"cuda_graphs": "on", "torch_compile": "off", "memory": "off"}
+        modes = [] if lean else [("eager", {"cuda_graphs": "off", "torch_compile": "off", "memory": "off"}),
+                                 ("eager again", {"cuda_graphs": "off", "torch_compile": "off", "memory": "off"})]
         modes.append(("captured", captured))
         if checkpointing or fp8:
             modes.append(("checkpointing", {**captured, "gradient_checkpointing": True}))
@@ -260,6 +263,8 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
         if stream:
             modes.append((streamed, {**captured, "base_weights": "fp8", "gradient_checkpointing": True,
                                      "stream_blocks": stream, "vram_gib": vram_gib}))
+        if memory_auto:
+            modes.append(("memory: auto", {**captured, "memory": "auto", "vram_gib": vram_gib}))
         if nf4:
             modes.append(("nf4 + checkpointing", {**captured, "base_weights": "nf4", "gradient_checkpointing": True,
                                                   "vram_gib": vram_gib}))
@@ -274,7 +279,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             model = fresh()
             if size == "real" and name.startswith("gguf"):
                 as_gguf(model, gguf)
-            if size == "real" and (mode.get("base_weights") in ("fp8", "nf4") or name.startswith("gguf")):
+            if size == "real" and (mode.get("base_weights") in ("fp8", "nf4") or name.startswith(("gguf", "memory"))):
                 for module in (model.transformer, model.vae, *model.text_encoders):
                     module.to("cpu")  # as loaded from a file: the transformer goes to the GPU layer by layer, in fp8
                 torch.cuda.empty_cache()
@@ -313,6 +318,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
                         "first_5_steps_s": round(r["first_5_steps_s"], 1),
                         "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),
                         "peak_allocated_gib": r["peak_allocated_gib"] and round(r["peak_allocated_gib"], 2),
+                        "planned_peak_gib": r["planned_peak_gib"],
                         "percent_of_ideal": round(100 * r["steps_per_s"] * flops / (peak_tflops * 1e12), 1) if flops else None}
                        for name, r in rows.items()]}
     print(json.dumps(report, indent=2))

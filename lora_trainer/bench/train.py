@@ -118,6 +118,7 @@ def _time_trainer(checkpoint: Path, data: Path, tmp: Path, resolution: int, batc
                           "log_every_n_steps": 10, "device": "cpu" if device.type == "cpu" else "auto",
                           "mixed_precision": precision if device.type == "cuda" else "no", "enable_buckets": False,
                           "min_snr_gamma": 0, "cuda_graphs": cuda_graphs, "gradient_checkpointing": checkpointing,
+                          "memory": "off",  # each row trains as set
                           **(extra or {})})
     start = time.perf_counter()
     with memory_cap(device, vram_gib):

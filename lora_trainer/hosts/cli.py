@@ -249,7 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
         bench_flow(family=args.family, steps=args.steps, size=args.size if args.size != "base" else "real",
                    device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile,
                    fp8=args.fp8, vram_gib=args.vram_gib, lean=args.lean, gguf=args.gguf, nf4=args.nf4,
-                   stream=args.stream, only=tuple(args.rows.split(",")) if args.rows else ())
+                   stream=args.stream, memory_auto=args.memory_auto, only=tuple(args.rows.split(",")) if args.rows else ())
         return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stream", type=int, default=0, metavar="N",
                        help="train, transformer families: also time base_weights: fp8 + checkpointing with N of the "
                             "transformer's blocks streamed from CPU memory (capped at --vram-gib).")
+    bench.add_argument("--memory-auto", action="store_true",
+                       help="train, transformer families: also time a row where memory: auto picks the levers for "
+                            "the --vram-gib cap (every other row trains as set).")
     bench.add_argument("--nf4", action="store_true",
                        help="train, transformer families: also time base_weights: nf4 with checkpointing.")
     bench.add_argument("--gguf", choices=["Q8_0", "Q4_K"], default="",

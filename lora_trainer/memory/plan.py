@@ -168,9 +168,13 @@ def _encoder_peak(encoder: torch.nn.Module, config: TrainConfig) -> int:
 
 
 def free_memory(device: torch.device) -> int:
-    """What this process may still allocate on `device`: the GPU's free memory plus what torch holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """What this process may still allocate on `device`: the GPU's free memory plus what torch holds unused, within
+    the share of the GPU torch is allowed (`torch.cuda.set_per_process_memory_fraction`, as the bench's caps)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    room = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return min(room, int(fraction(device) * total) - allocated) if fraction else room
 
 
 def candidates(config: TrainConfig, parts: MemoryParts, in_host: bool) -> list[dict]:
