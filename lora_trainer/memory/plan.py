@@ -170,6 +170,7 @@ def _encoder_peak(encoder: torch.nn.Module, config: TrainConfig) -> int:
 def free_memory(device: torch.device) -> int:
     """What this process may still allocate on `device`: the GPU's free memory plus what torch holds unused, within
     the share of the GPU torch is allowed (`torch.cuda.set_per_process_memory_fraction`, as the bench's caps)."""
+    device = torch.cuda.current_device() if device.index is None else device.index  # some calls want an index
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     room = free + torch.cuda.memory_reserved(device) - allocated
