@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -114,8 +115,10 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_or_warned_about_in_a_
     monkeypatch.setattr(plan, "free_memory", lambda device: int(6.5 * GIB))
     with pytest.raises(ConfigError, match="memory: off"):
         plan_memory(config, backbone, 8, torch.device("cuda"))
+    parts_of = backbone.memory_parts  # as a host's model: already on its GPU
+    monkeypatch.setattr(backbone, "memory_parts", lambda config: dataclasses.replace(parts_of(config), resident=True))
     with caplog.at_level(logging.WARNING):
-        kept, planned = plan_memory(config, backbone, 8, torch.device("cuda"), in_host=True)
+        kept, planned = plan_memory(config, backbone, 8, torch.device("cuda"))
     assert kept is config and planned is None and "does not fit" in caplog.text
     off = make_config({**vars(config), "memory": "off"})
     assert plan_memory(off, backbone, 8, torch.device("cuda"))[0] is off
@@ -136,8 +139,8 @@ def test_memory_auto_turns_checkpointing_on_in_a_run(dataset, tmp_path, monkeypa
     assert needs[True] < needs[False]
     free = (needs[True] + needs[False]) // 2 + int(plan.RESERVE)
     monkeypatch.setattr(plan, "free_memory", lambda device: free)
-    monkeypatch.setattr(loop, "plan_memory", lambda config, backbone, images, device, in_host:
-                        plan_memory(config, backbone, images, torch.device("cuda"), in_host=in_host))
+    monkeypatch.setattr(loop, "plan_memory", lambda config, backbone, images, device:
+                        plan_memory(config, backbone, images, torch.device("cuda")))
     result = loop.train_lora(config, backbone=backbone)
     assert backbone.transformer.is_gradient_checkpointing
     assert result.metrics["planned_peak_gib"] == round(needs[True] / GIB, 2)

@@ -238,15 +238,16 @@ def describe_changes(changes: dict) -> str:
                      for key, value in changes.items()) or "no lever"
 
 
-def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device, *, in_host: bool = False
-                ) -> tuple[TrainConfig, Estimate | None]:
+def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device) -> tuple[TrainConfig, Estimate | None]:
     """Before anything moves to the GPU: the run's predicted peak against the free memory, logged; with `memory:
-    auto` the config with the levers that make it fit. A run that cannot fit is refused (ConfigError); inside a host,
-    whose memory manager may still make room, it is only warned about. Nothing on a CPU, or for language models."""
+    auto` the config with the levers that make it fit. A run that cannot fit is refused (ConfigError); on a host's
+    model (already on its GPU), whose memory manager may still make room, it is only warned about. Nothing on a CPU,
+    or for language models."""
     parts_of = getattr(backbone, "memory_parts", None)
     if parts_of is None or device.type != "cuda":
         return config, None
     parts = parts_of(config)
+    in_host = parts.resident
     dtype = torch.float32 if config.mixed_precision == "no" else torch.bfloat16
     free = free_memory(device)
     budget = free - int(RESERVE)

@@ -72,7 +72,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     given_backbone = backbone is not None  # a host's loaded model
     if backbone is None:
         backbone = kind.load(config, data)
-    config, planned = plan_memory(config, backbone, len(getattr(data, "items", ())), device, in_host=given_backbone)
+    config, planned = plan_memory(config, backbone, len(getattr(data, "items", ())), device)
     examples = backbone.prepare(config, data, accelerator, bus)
     config = backbone.settle(config)
 
