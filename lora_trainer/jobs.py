@@ -118,6 +118,17 @@ class Trainer:
             self._thread.start()
             return self.job
 
+    def memory_plan(self, values: dict[str, Any]) -> str:
+        """The memory plan of a run of `values` on the host's model (`plan` on the command line), as text; raises
+        LoraTrainerError for bad values or a host that cannot plan."""
+        plan = getattr(self.host, "memory_plan", None)
+        if plan is None:
+            raise LoraTrainerError("This front door has no memory plan yet: run `python -m lora_trainer plan --config "
+                                   "...` on the command line.")
+        values = {k: v for k, v in values.items() if v is not None}
+        values["output_name"] = lora_name(str(values.get("output_name", "")).strip(), values.get("train_data_dir", ""))
+        return plan(make_config(self.host.prepare(values)))
+
     def interrupt(self) -> bool:
         """Ask the running job to save what it has and stop; False when nothing runs."""
         if self.job is None or not self.job.running:

@@ -116,7 +116,7 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_or_warned_about_in_a_
     with pytest.raises(ConfigError, match="memory: off"):
         plan_memory(config, backbone, 8, torch.device("cuda"))
     parts_of = backbone.memory_parts  # as a host's model: already on its GPU
-    monkeypatch.setattr(backbone, "memory_parts", lambda config: dataclasses.replace(parts_of(config), resident=True))
+    monkeypatch.setattr(backbone, "memory_parts", lambda config: dataclasses.replace(parts_of(config), host=True))
     with caplog.at_level(logging.WARNING):
         kept, planned = plan_memory(config, backbone, 8, torch.device("cuda"))
     assert kept is config and planned is None and "does not fit" in caplog.text

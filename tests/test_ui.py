@@ -107,6 +107,10 @@ def test_api_routes(tmp_path, sd1_checkpoint, dataset):
     assert client.get("/lora_trainer/status").json() == {"state": "idle", "running": False}
     assert client.post("/lora_trainer/train", json={"config": {"lora_rank": "many"}}).status_code == 422
     assert client.post("/lora_trainer/train", content=b"not json").status_code == 400
+    plan = client.post("/lora_trainer/plan", json={"config": _values(sd1_checkpoint, dataset)})
+    assert plan.status_code == 200 and plan.json()["plan"].startswith("Predicted peak GPU memory of this run")
+    assert "base_weights: fp8" in plan.json()["plan"]  # a model from its file may be held in fp8
+    assert client.post("/lora_trainer/plan", json={"config": {"lora_rank": "many"}}).status_code == 422
     started = client.post("/lora_trainer/train", json={"config": _values(sd1_checkpoint, dataset)})
     assert started.status_code == 201 and started.json()["name"] == "ui_lora"
     trainer.wait(300)

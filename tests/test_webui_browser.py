@@ -92,6 +92,12 @@ def test_the_tab_in_the_webui_page(page_server, tmp_path):
         _set(page, "max_steps", "400")
         _set(page, "batch_size", "2")
         _sub_tab(page, "4. Train")
+        # the memory plan of these settings on the loaded model, before training (this CPU has no GPU to compare)
+        page.locator("#lora_trainer_plan").click()
+        plan = page.locator("#lora_trainer_memory_plan").first
+        expect(plan).to_contain_text("Predicted peak GPU memory of this run (4 images, 64 px, batch 2", timeout=120_000)
+        expect(plan).to_contain_text("with gradient_checkpointing: true")
+        expect(plan).to_contain_text("No CUDA GPU here")
         page.locator("#lora_trainer_train").click()
         expect(status).to_contain_text("Step", timeout=300_000)
         _open_tab(page, url)

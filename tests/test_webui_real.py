@@ -218,6 +218,18 @@ def test_a_typed_name_never_leaves_the_webuis_folders(webui, tmp_path):
     assert "was changed to 'x1'" in webui["log"].read_text()
 
 
+def test_the_memory_plan_of_a_run_on_the_loaded_model(webui, tmp_path):
+    data = _blobs(tmp_path / "blobs")
+    plan = _post(f"{webui['url']}/lora_trainer/plan", {"config": {"train_data_dir": str(data), "resolution": 64,
+                                                                  "batch_size": 2}})["plan"]
+    assert plan.startswith("Predicted peak GPU memory of this run (4 images, 64 px, batch 2")
+    assert "with gradient_checkpointing: true" in plan and "fp8" not in plan  # the host's model stays as it is
+    assert "No CUDA GPU here" in plan
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(f"{webui['url']}/lora_trainer/plan", {"config": {"train_data_dir": str(tmp_path / "nowhere")}})
+    assert refused.value.code == 422 and "does not exist" in json.load(refused.value)["error"]
+
+
 def test_a_missing_or_empty_image_folder_is_refused_before_the_job_starts(webui, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -275,7 +275,8 @@ class DiffusionBackbone:
                            blocks=[*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks],
                            encoders=[*encoders, self.vae], tokens=latent * latent,
                            latent_bytes=2 * self.unet.config.in_channels * latent * latent,
-                           extra=list(self.text_encoders) if trains_text else [], resident=self.shares_unet)
+                           extra=list(self.text_encoders) if trains_text else [], host=self.shares_unet,
+                           resident=self.shares_unet and next(self.unet.parameters()).device.type == "cuda")
 
     shares_unet = False  # a host's UNet: already on its GPU
 

@@ -54,6 +54,17 @@ class StandaloneHost:
             values["output_dir"] = str(self.output_root / values["output_name"])
         return values
 
+    def memory_plan(self, config: TrainConfig) -> str:
+        """The memory plan of `config` (the checkpoint is read into CPU memory for its shapes)."""
+        import torch
+
+        from lora_trainer.backbones import memory_report
+        from lora_trainer.memory.plan import free_memory
+
+        gpu = torch.cuda.is_available() and not config.device.startswith(("cpu", "mps"))
+        return memory_report(config, free_memory(torch.device(config.device if config.device.startswith("cuda") else
+                                                              "cuda")) if gpu else None)
+
     def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         from lora_trainer.train.loop import train_lora
 

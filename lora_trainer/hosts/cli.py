@@ -168,20 +168,12 @@ def _plan(args: argparse.Namespace) -> int:
     memory for its shapes; nothing goes to the GPU)."""
     import torch
 
-    from lora_trainer.backbones import backbone_class
-    from lora_trainer.memory.plan import GIB, free_memory, report
+    from lora_trainer.backbones import memory_report
+    from lora_trainer.memory.plan import GIB, free_memory
 
-    config = load_config(args.config, args.set)
-    if config.model_type != "image":
-        raise LoraTrainerError("plan is for image models; a language model's memory follows load_in_4bit, "
-                               "max_seq_length and gradient_checkpointing.")
-    kind, family = backbone_class(config)
-    config = resolve(config, family)
-    data = kind.read_data(config)
-    backbone = kind.load(config, data)
     free = int(args.vram_gib * GIB) if args.vram_gib else \
         free_memory(torch.device("cuda")) if torch.cuda.is_available() else None
-    print(report(config, backbone.memory_parts(config), len(data.items), free))
+    print(memory_report(load_config(args.config, args.set), free))
     return 0
 
 

@@ -51,6 +51,7 @@ class MemoryParts:
     extra: list[torch.nn.Module] = field(default_factory=list)  # also on the GPU while training (text encoders that train)
     streams: bool = False  # whether stream_blocks applies
     resident: bool = False  # the network already sits on the GPU (a host's model): its weights cost nothing new
+    host: bool = False  # a host's model: trained as the host holds it (no fp8, no streaming)
     stored: dict = field(default_factory=dict)  # how a quantized file holds weights (files.read_weights)
     sums: dict = field(default_factory=dict, repr=False)  # the weights' sums, once per way of holding them
 
@@ -184,7 +185,7 @@ def candidates(config: TrainConfig, parts: MemoryParts, in_host: bool) -> list[d
     sets: list[dict] = [{}, {"gradient_checkpointing": True}]
     if parts.streams and not in_host:
         sets.append({"gradient_checkpointing": True, "stream_blocks": "fit"})
-    if config.base_weights == "auto" and not parts.stored and not in_host and not parts.resident:
+    if config.base_weights == "auto" and not parts.stored and not in_host:
         sets.append({"gradient_checkpointing": True, "base_weights": "fp8"})
         if parts.streams:
             sets.append({"gradient_checkpointing": True, "base_weights": "fp8", "stream_blocks": "fit"})
@@ -247,7 +248,7 @@ def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device
     if parts_of is None or device.type != "cuda":
         return config, None
     parts = parts_of(config)
-    in_host = parts.resident
+    in_host = parts.host
     dtype = torch.float32 if config.mixed_precision == "no" else torch.bfloat16
     free = free_memory(device)
     budget = free - int(RESERVE)
@@ -281,7 +282,7 @@ def report(config: TrainConfig, parts: MemoryParts, images: int, free: int | Non
              f"  as configured: {estimate(parts, config, images).describe()}"
              + (" fits" if free is not None and estimate(parts, config, images).peak <= budget else "")]
     picked_levers = None
-    for levers in candidates(config, parts, in_host=parts.resident):
+    for levers in candidates(config, parts, in_host=parts.host):
         trial = _with(config, levers, parts, images, budget if free is not None else 0, torch.bfloat16)
         result = estimate(parts, trial, images)
         fits = free is not None and result.peak <= budget
@@ -291,7 +292,8 @@ def report(config: TrainConfig, parts: MemoryParts, images: int, free: int | Non
         if changes:
             lines.append(f"  with {describe_changes(changes)}: {result.describe()}" + (" fits" if fits else ""))
     if free is None:
-        lines.append("No CUDA GPU here: give --vram-gib to plan for a card of that size.")
+        lines.append("No CUDA GPU here to compare with (on the command line, plan --vram-gib N plans for a card with N "
+                     "GiB free).")
     else:
         lines.append(f"Free: {free / GIB:.1f} GiB ({RESERVE / GIB:.1f} kept for CUDA's workspaces). memory: auto "
                      + (f"trains with {describe_changes(picked_levers)}." if picked_levers is not None else

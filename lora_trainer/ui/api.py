@@ -17,6 +17,8 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
     POST {prefix}/train      body: {"config": {key: value, ...}} (or the keys at the top level);
                              201 with the job, 409 while another job runs, 422 for a bad config
     GET  {prefix}/status     the current (or last) job: state, step, total, losses, eta_seconds, lora_file, ...
+    POST {prefix}/plan       body as for train: {"plan": the predicted peak GPU memory of that run on the host's
+                             model and what memory: auto would pick}, 422 for a bad config
     POST {prefix}/interrupt  stop after the current step, saving what was trained
     GET  {prefix}/results    LoRA files in the host's LoRA folder, newest first
     """
@@ -24,7 +26,8 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    async def train(request: Request):
+    async def read_config(request: Request):
+        """The body's config, or the response that says why there is none."""
         try:
             body = await request.json()
         except ValueError:
@@ -32,6 +35,12 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
         config = body.get("config", body) if isinstance(body, dict) else None
         if not isinstance(config, dict):
             return JSONResponse({"error": "The body must be a JSON object: {\"config\": {...}}."}, status_code=400)
+        return config
+
+    async def train(request: Request):
+        config = await read_config(request)
+        if not isinstance(config, dict):
+            return config
         try:
             job = await run_in_threadpool(trainer.start, config)
         except BusyError as exc:
@@ -39,6 +48,15 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
         except LoraTrainerError as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
         return JSONResponse(job.as_dict(), status_code=201)
+
+    async def plan(request: Request):
+        config = await read_config(request)
+        if not isinstance(config, dict):
+            return config
+        try:
+            return {"plan": await run_in_threadpool(trainer.memory_plan, config)}
+        except LoraTrainerError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
 
     def status():
         return trainer.job.as_dict() if trainer.job else {"state": "idle", "running": False}
@@ -51,6 +69,7 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
 
     extra = {"dependencies": dependencies} if dependencies else {}
     app.add_api_route(f"{prefix}/train", train, methods=["POST"], **extra)
+    app.add_api_route(f"{prefix}/plan", plan, methods=["POST"], **extra)
     app.add_api_route(f"{prefix}/status", status, methods=["GET"], **extra)
     app.add_api_route(f"{prefix}/interrupt", interrupt, methods=["POST"], **extra)
     app.add_api_route(f"{prefix}/results", results, methods=["GET"], **extra)

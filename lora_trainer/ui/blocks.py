@@ -184,6 +184,9 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                     train_button = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
                     interrupt_button = gr.Button("Interrupt", elem_id="lora_trainer_interrupt")
                     watch_button = gr.Button("Show progress", elem_id="lora_trainer_watch")
+                    plan_button = gr.Button("Check memory", elem_id="lora_trainer_plan",
+                                            visible=hasattr(host, "memory_plan"))
+                memory_plan = gr.Markdown("", elem_id="lora_trainer_memory_plan")
                 gr.HTML('<div id="lora_trainer_progress"></div>')  # the WebUI's own progress bar goes here
                 task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")
                 status = gr.Markdown(describe(trainer.job), elem_id="lora_trainer_status")
@@ -305,6 +308,18 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 return f"**Not started:** {_named(str(exc))}", ""
             return describe(job), f"task(lora_trainer-{job.id})"
 
+        def on_plan(folder_value, *args):
+            """The predicted peak GPU memory of these settings on the loaded model, and what memory: auto picks."""
+            base = args[:len(base_inputs)]
+            values = config_values(dict(zip(names, args[len(base_inputs):])))
+            values["train_data_dir"] = folder_value.strip()
+            if base:
+                values["base_model"] = base[0].strip()
+            try:
+                return "```\n" + trainer.memory_plan(values) + "\n```"
+            except LoraTrainerError as exc:
+                return f"**Problem:** {_named(str(exc))}"
+
         def on_follow(task: str):
             """After a Train click: follow the job it started; a refused click keeps its message."""
             if not task:
@@ -394,6 +409,7 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         replace_button.click(on_replace, [folder, find, replace, regex], [caption_status, gallery, image_paths, tags])
         preset.change(lambda family: preset_values(family, names), [preset], inputs)
         watch_outputs = [status, plot, samples, results]
+        plan_button.click(on_plan, [folder, *base_inputs, *inputs], [memory_plan])
         started = train_button.click(on_train, [folder, *base_inputs, *inputs], [status, task_id])
         # the host's own progress bar (the WebUI's requestProgress) follows the job too, from the same step
         progress_js = getattr(host, "progress_js", None)
