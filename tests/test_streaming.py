@@ -121,3 +121,22 @@ def test_an_out_of_memory_error_names_streaming_for_the_transformer_families_onl
     assert not any("stream_blocks" in lever for lever in levers_off(flux, in_host=True))
     sd = resolve(quick_config(sd1_checkpoint, dataset, tmp_path), "sd1")
     assert not any("stream_blocks" in lever for lever in levers_off(sd))
+
+
+def test_previews_render_the_same_with_streamed_blocks(dataset, tmp_path, monkeypatch):
+    """A preview runs the transformer without gradients, between training steps: the same image when its blocks take
+    turns in one buffer."""
+    import numpy as np
+    from PIL import Image
+
+    checkpoint = build_tiny_flux(tmp_path / "model")
+    monkeypatch.setattr(BlockStreamer, "slots", 1)
+    images = []
+    for count in (0, 99):
+        config = transformer_config(checkpoint, dataset, tmp_path / f"run{count}", max_steps=2, seed=3,
+                                    gradient_checkpointing=True, stream_blocks=count, sample_prompts=["zkblob"],
+                                    sample_every_n_steps=1)
+        result = train_lora(config, backbone=FluxBackbone.load(config, None))
+        assert len(result.samples) >= 2
+        images.append([np.asarray(Image.open(path)) for path in result.samples])
+    assert all(np.array_equal(a, b) for a, b in zip(*images))
