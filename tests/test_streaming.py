@@ -140,3 +140,25 @@ def test_previews_render_the_same_with_streamed_blocks(dataset, tmp_path, monkey
         assert len(result.samples) >= 2
         images.append([np.asarray(Image.open(path)) for path in result.samples])
     assert all(np.array_equal(a, b) for a, b in zip(*images))
+
+
+def test_a_text_encoder_too_large_for_the_gpu_encodes_the_same_with_its_layers_on_demand(tmp_path, monkeypatch):
+    from lora_trainer.backbones import flow
+    from lora_trainer.memory.streaming import LayersOnDemand
+
+    config = transformer_config(build_tiny_flux(tmp_path / "model"), tmp_path, tmp_path / "out")
+    backbone = FluxBackbone.load(config, None)
+    backbone.run["dtype"] = torch.float32
+    t5 = backbone.text_encoders[1]
+    before = {name: p.data_ptr() for name, p in t5.named_parameters()}
+    plain = backbone._encode_once(["zkblob, a red square", ""], torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(flow, "text_placement", lambda encoders, budget: [False, True])
+    monkeypatch.setattr(LayersOnDemand, "_move", lambda self, tensors, move=LayersOnDemand._move: (
+        seen.append(len(tensors)), move(self, tensors)))
+    on_demand = backbone._encode_once(["zkblob, a red square", ""], torch.device("cpu"))
+    assert len(seen) > len(t5.encoder.block)  # the rest of T5 once, then each layer as it ran
+    for text in plain:
+        for key in plain[text]:
+            assert torch.equal(plain[text][key], on_demand[text][key])
+    assert {name: p.data_ptr() for name, p in t5.named_parameters()} == before  # its own tensors back

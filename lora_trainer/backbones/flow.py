@@ -33,8 +33,8 @@ from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype,
 from lora_trainer.lora.kohya import kohya_metadata, read_lora_file, save_lora_file
 from lora_trainer.memory import capture_blockers, hold_base
 from lora_trainer.memory.checkpointing import enable_checkpointing
-from lora_trainer.memory.plan import MemoryParts
-from lora_trainer.memory.streaming import BlockStreamer
+from lora_trainer.memory.plan import RESERVE, MemoryParts, free_memory, text_placement
+from lora_trainer.memory.streaming import BlockStreamer, LayersOnDemand
 
 log = logging.getLogger(__name__)
 
@@ -183,18 +183,26 @@ class FlowBackbone:
         return [(self.group(entry), entry.item.repeats * config.repeats) for entry in cache]
 
     def _encode_once(self, texts: list[str], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-        """Each text's conditioning, computed with the encoders on the device one at a time, which then leave it."""
-        for encoder in self.text_encoders:
-            encoder.to(device)
+        """Each text's conditioning, computed with the encoders on the device, which then leave it. An encoder too
+        large for the memory free (T5-XXL's 9.5 GB on an 8 GB card, or beside the transformer for a preview's new
+        prompt) runs with its layers copied in one at a time (`memory.plan.text_placement`)."""
+        budget = free_memory(device) - int(RESERVE) if device.type == "cuda" else None
+        on_demand = text_placement(self.text_encoders, budget)
         out: dict[str, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
+        with contextlib.ExitStack() as placed, torch.no_grad():
+            for encoder, layer_by_layer in zip(self.text_encoders, on_demand):
+                if layer_by_layer:
+                    log.info("%s does not fit the GPU memory free: it encodes with its layers copied in one at a time.",
+                             type(encoder).__name__)
+                    placed.enter_context(LayersOnDemand(encoder, device))
+                else:
+                    encoder.to(device)
+                    placed.callback(encoder.to, "cpu")
             for start in range(0, len(texts), 8):
                 chunk = texts[start:start + 8]
                 encoded = self.encode_prompts(chunk)
                 for index, text in enumerate(chunk):
                     out[text] = {k: v[index] for k, v in encoded.items()}
-        for encoder in self.text_encoders:
-            encoder.to("cpu")
         size = sum(t.numel() * t.element_size() for entry in out.values() for t in entry.values())
         where = device if size < 2**30 else torch.device("cpu")
         return {text: {k: v.to(where, self.run["dtype"]) for k, v in entry.items()} for text, entry in out.items()}

@@ -121,8 +121,10 @@ def held_bytes(module: torch.nn.Module, base_weights: str, stored: dict, dtype: 
     return total
 
 
-def estimate(parts: MemoryParts, config: TrainConfig, images: int, dtype: torch.dtype = torch.bfloat16) -> Estimate:
-    """The peak of a run of `config` over `images` cached images (its levers as they are set)."""
+def estimate(parts: MemoryParts, config: TrainConfig, images: int, dtype: torch.dtype = torch.bfloat16,
+             budget: int | None = None) -> Estimate:
+    """The peak of a run of `config` over `images` cached images (its levers as they are set); `budget`: the memory
+    the run may use, which decides whether a text encoder runs with its layers on demand (`text_placement`)."""
     from lora_trainer.memory.streaming import picked
 
     quantized = config.base_weights in ("fp8", "nf4") or (config.base_weights == "auto" and bool(parts.stored))
@@ -149,23 +151,52 @@ def estimate(parts: MemoryParts, config: TrainConfig, images: int, dtype: torch.
     parts.sums.setdefault("width", width(parts.blocks))
     activations = int(per_token * parts.tokens * config.batch_size * parts.sums["width"] / wide)
     caches = images * parts.latent_bytes * (2 if config.flip_aug else 1)
-    if ("encoding", config.resolution) not in parts.sums:
-        parts.sums["encoding", config.resolution] = max(
-            (_encoder_peak(encoder, config) for encoder in parts.encoders if encoder is not None), default=0)
-    encoding = caches + parts.sums["encoding", config.resolution]
+    key = ("encoding", config.resolution, config.flip_aug, budget)
+    if key not in parts.sums:  # the text encoders encode together, the autoencoder on its own
+        texts = [e for e in parts.encoders if e is not None and not hasattr(e, "encode")]
+        placed = text_placement(texts, None if budget is None else budget - caches)
+        parts.sums[key] = max([sum(text_peak(e, on_demand) for e, on_demand in zip(texts, placed)),
+                               *(_encoder_peak(e, config) for e in parts.encoders if hasattr(e, "encode"))])
+    encoding = caches + parts.sums[key]
     return Estimate(encoding=encoding, weights=weights, lora=lora, activations=activations, caches=caches)
 
 
-def _encoder_peak(encoder: torch.nn.Module, config: TrainConfig) -> int:
-    """An encoder on the GPU at work: its weights and its activations (an autoencoder's: about four feature maps of
-    128 channels at the image's size, for the images it encodes at once)."""
+def _encoder_peak(autoencoder: torch.nn.Module, config: TrainConfig) -> int:
+    """The autoencoder on the GPU at work: its weights and about four feature maps of its first width at the image's
+    size, for the images it encodes at once."""
+    weights = _bytes(autoencoder.parameters())
+    size = next(autoencoder.parameters()).element_size()
+    pixels = max(config.resolution**2, 4 * 512 * 512)  # it encodes 4 images of 512 px at once, 1 from 724 px
+    channels = getattr(getattr(getattr(autoencoder, "encoder", None), "conv_in", None), "out_channels", 128)
+    return weights + 4 * channels * pixels * size
+
+
+def text_peak(encoder: torch.nn.Module, on_demand: bool = False) -> int:
+    """A text encoder on the GPU at work: its weights (with its layers on demand: the rest of it and two layers) and
+    its activations for 8 captions."""
     weights = _bytes(encoder.parameters())
-    if hasattr(encoder, "encode"):  # the autoencoder
-        size = next(encoder.parameters()).element_size()
-        pixels = max(config.resolution**2, 4 * 512 * 512)  # it encodes 4 images of 512 px at once, 1 from 724 px
-        channels = getattr(getattr(getattr(encoder, "encoder", None), "conv_in", None), "out_channels", 128)
-        return weights + 4 * channels * pixels * size
-    return int(weights * (1 + ENCODER_MARGIN))
+    held = weights
+    if on_demand:
+        from lora_trainer.memory.streaming import layers_of
+
+        layers = layers_of(encoder)
+        held = weights - _bytes(layers.parameters()) + 2 * max(_bytes(layer.parameters()) for layer in layers)
+    return int(held + weights * ENCODER_MARGIN)
+
+
+def text_placement(encoders: list[torch.nn.Module], budget: int | None) -> list[bool]:
+    """Which text encoders (on the GPU together while they encode) run with their layers on demand
+    (`streaming.LayersOnDemand`): the largest first, until they fit `budget` bytes; none without a budget."""
+    from lora_trainer.memory.streaming import layers_of
+
+    on_demand = [False] * len(encoders)
+    if budget is None:
+        return on_demand
+    for index in sorted(range(len(encoders)), key=lambda i: -_bytes(encoders[i].parameters())):
+        if sum(text_peak(e, d) for e, d in zip(encoders, on_demand)) <= budget:
+            break
+        on_demand[index] = layers_of(encoders[index]) is not None
+    return on_demand
 
 
 def free_memory(device: torch.device) -> int:
@@ -205,7 +236,7 @@ def fit(config: TrainConfig, parts: MemoryParts, images: int, budget: int, in_ho
     tried = []
     for levers in candidates(config, parts, in_host):
         trial = _with(config, levers, parts, images, budget, dtype)
-        result = estimate(parts, trial, images, dtype)
+        result = estimate(parts, trial, images, dtype, budget)
         tried.append((_changes(config, trial), result))
         if result.peak <= budget:
             return trial, result, tried
@@ -224,7 +255,7 @@ def _with(config: TrainConfig, levers: dict, parts: MemoryParts, images: int, bu
     if levers.get("stream_blocks") == "fit":
         for count in range(max(1, config.stream_blocks), len(parts.blocks) + 1):
             trial = dataclasses.replace(trial, stream_blocks=count)
-            if estimate(parts, trial, images, dtype).peak <= budget:
+            if estimate(parts, trial, images, dtype, budget).peak <= budget:
                 break
     return trial
 
@@ -253,7 +284,7 @@ def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device
     free = free_memory(device)
     budget = free - int(RESERVE)
     if config.memory == "off":
-        planned = estimate(parts, config, images, dtype)
+        planned = estimate(parts, config, images, dtype, budget)
         log.info("Memory plan: %s predicted, %.1f GiB free (memory: off changes nothing).", planned.describe(),
                  free / GIB)
         return config, planned
@@ -276,16 +307,16 @@ def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device
 def report(config: TrainConfig, parts: MemoryParts, images: int, free: int | None) -> str:
     """What `plan` prints: the predicted peak of the config as it is and of each lever set `memory: auto` would try,
     and which one it picks for `free` bytes (None: no GPU here, every set shown)."""
-    budget = (free - int(RESERVE)) if free is not None else 0
+    budget = (free - int(RESERVE)) if free is not None else None
+    planned = estimate(parts, config, images, budget=budget)
     lines = [(f"Predicted peak GPU memory of this run ({images} images, {config.resolution} px, batch "
               f"{config.batch_size}, rank {config.lora_rank}, {len(parts.targets)} LoRA layers):"),
-             f"  as configured: {estimate(parts, config, images).describe()}"
-             + (" fits" if free is not None and estimate(parts, config, images).peak <= budget else "")]
+             f"  as configured: {planned.describe()}" + (" fits" if budget is not None and planned.peak <= budget else "")]
     picked_levers = None
     for levers in candidates(config, parts, in_host=parts.host):
-        trial = _with(config, levers, parts, images, budget if free is not None else 0, torch.bfloat16)
-        result = estimate(parts, trial, images)
-        fits = free is not None and result.peak <= budget
+        trial = _with(config, levers, parts, images, budget or 0, torch.bfloat16)
+        result = estimate(parts, trial, images, budget=budget)
+        fits = budget is not None and result.peak <= budget
         if fits and picked_levers is None:
             picked_levers = _changes(config, trial)
         changes = _changes(config, trial)

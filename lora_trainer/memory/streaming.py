@@ -157,3 +157,52 @@ def _point(entry, tensor: torch.Tensor) -> None:
         module._parameters[name].data = tensor
     else:
         module._buffers[name] = tensor
+
+
+def layers_of(module: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """A text encoder's repeated layers: its largest list of modules (T5's blocks, Qwen3's layers)."""
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+class LayersOnDemand:
+    """A frozen encoder too large for the GPU, run with its layers copied onto `device` one at a time, just before
+    each runs (the rest of it stays there for the duration). Its CPU tensors are kept and put back afterwards: no
+    copies back, and the model looks as before. Written here rather than with accelerate's `cpu_offload`, which puts
+    the parameters on the meta device between uses, where the families read `encoder.device` for their inputs."""
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device) -> None:
+        self.encoder, self.device = encoder, device
+        self.layers = layers_of(encoder)
+        self.kept: dict[int, torch.Tensor] = {}
+        self.hooks: list = []
+
+    def __enter__(self) -> torch.nn.Module:
+        in_layers = {id(p) for p in self.layers.parameters()} | {id(b) for b in self.layers.buffers()}
+        self._move([t for t in [*self.encoder.parameters(), *self.encoder.buffers()] if id(t) not in in_layers])
+        for layer in self.layers:
+            self.hooks.append(layer.register_forward_pre_hook(self._before))
+            self.hooks.append(layer.register_forward_hook(self._after))
+        return self.encoder
+
+    def _before(self, layer: torch.nn.Module, args) -> None:
+        self._move([*layer.parameters(), *layer.buffers()])
+
+    def _after(self, layer: torch.nn.Module, args, out) -> None:
+        self._back([*layer.parameters(), *layer.buffers()])
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self._back([*self.encoder.parameters(), *self.encoder.buffers()])
+
+    def _move(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) not in self.kept:
+                self.kept[id(tensor)] = tensor.data
+                tensor.data = tensor.data.to(self.device)
+
+    def _back(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) in self.kept:
+                tensor.data = self.kept.pop(id(tensor))
