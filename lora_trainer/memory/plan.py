@@ -107,7 +107,7 @@ def held_bytes(module: torch.nn.Module, base_weights: str, stored: dict, dtype: 
             total += _bytes([weight])
             continue
         entry = stored.get(weight.untyped_storage().data_ptr()) if weight.device.type != "meta" else None
-        how = base_weights if base_weights in ("fp8", "nf4") else \
+        how = base_weights if base_weights in ("fp8", "nf4", "full") else \
             "fp8" if isinstance(entry, torch.Tensor) else "nf4" if entry == "nf4" else \
             "packed" if entry is not None else "full"
         if how == "fp8":
