@@ -169,3 +169,24 @@ def test_plan_prints_each_lever_set_and_what_auto_picks(dataset, tmp_path, capsy
     out = capsys.readouterr().out
     assert "as configured:" in out and "with gradient_checkpointing: true:" in out and "stream_blocks:" in out
     assert "memory: auto trains with no lever." in out
+
+
+def test_the_plan_counts_a_quantized_files_weights_as_stored(tmp_path):
+    """A ComfyUI fp8 file is held as its bytes (`base_weights: auto`): planned at a byte a weight, not two."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer.memory.fp8 import FP8
+
+    checkpoint = build_tiny_flux(tmp_path / "model")
+    stored = {key: value.to(FP8) if key.endswith(".weight") and value.ndim == 2 else value
+              for key, value in load_file(str(checkpoint)).items()}
+    fp8_file = checkpoint.with_name("flux1-dev-tiny-fp8.safetensors")
+    save_file(stored, str(fp8_file))
+    weights = {}
+    for path, setting in ((checkpoint, "auto"), (fp8_file, "auto"), (fp8_file, "full")):
+        config = transformer_config(path, tmp_path, tmp_path / "out", base_weights=setting)
+        backbone = FluxBackbone.load(config, None)
+        weights[path.name, setting] = estimate(backbone.memory_parts(config), config, 1).weights
+    full, as_stored, asked_full = (weights[checkpoint.name, "auto"], weights[fp8_file.name, "auto"],
+                                   weights[fp8_file.name, "full"])
+    assert asked_full == full and as_stored < 0.7 * full
