@@ -130,8 +130,8 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_or_warned_about_in_a_
     parts_of = backbone.memory_parts  # as a host's model: already on its GPU
     monkeypatch.setattr(backbone, "memory_parts", lambda config: dataclasses.replace(parts_of(config), host=True))
     with caplog.at_level(logging.WARNING):
-        kept, planned = plan_memory(config, backbone, 8, torch.device("cuda"))
-    assert kept is config and planned is None and "does not fit" in caplog.text
+        kept, planned, note = plan_memory(config, backbone, 8, torch.device("cuda"))
+    assert kept is config and planned is None and "does not fit" in caplog.text and note.startswith("This run")
     off = make_config({**vars(config), "memory": "off"})
     assert plan_memory(off, backbone, 8, torch.device("cuda"))[0] is off
 
@@ -154,8 +154,13 @@ def test_memory_auto_turns_checkpointing_on_in_a_run(dataset, tmp_path, monkeypa
     monkeypatch.setattr(plan, "free_memory", lambda device: free)
     monkeypatch.setattr(loop, "plan_memory", lambda config, backbone, images, device:
                         plan_memory(config, backbone, images, torch.device("cuda")))
-    result = loop.train_lora(config, backbone=backbone)
+    warnings = []
+    result = loop.train_lora(config, backbone=backbone,
+                             listeners=[lambda e: warnings.append(e.data["message"]) if e.kind == "warning" else None])
     assert backbone.transformer.is_gradient_checkpointing
+    planned = estimate(parts, make_config({**vars(config), "gradient_checkpointing": True}), 4).describe()
+    assert warnings == [(f"memory: auto turned on gradient_checkpointing: true: without it the run would need more "
+                         f"than the {free / GIB:.1f} GiB free; now {planned}.")]  # the tab's status shows it
     assert result.metrics["planned_peak_gib"] == round(needs[True] / GIB, 2)
 
 

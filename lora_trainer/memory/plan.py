@@ -270,14 +270,15 @@ def describe_changes(changes: dict) -> str:
                      for key, value in changes.items()) or "no lever"
 
 
-def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device) -> tuple[TrainConfig, Estimate | None]:
+def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device
+                ) -> tuple[TrainConfig, Estimate | None, str]:
     """Before anything moves to the GPU: the run's predicted peak against the free memory, logged; with `memory:
-    auto` the config with the levers that make it fit. A run that cannot fit is refused (ConfigError); on a host's
-    model (already on its GPU), whose memory manager may still make room, it is only warned about. Nothing on a CPU,
-    or for language models."""
+    auto` the config with the levers that make it fit, and a sentence saying which it turned on ('' for none). A run
+    that cannot fit is refused (ConfigError); on a host's model (already on its GPU), whose memory manager may still
+    make room, it is only warned about. Nothing on a CPU, or for language models."""
     parts_of = getattr(backbone, "memory_parts", None)
     if parts_of is None or device.type != "cuda":
-        return config, None
+        return config, None, ""
     parts = parts_of(config)
     in_host = parts.host
     dtype = torch.float32 if config.mixed_precision == "no" else torch.bfloat16
@@ -287,21 +288,22 @@ def plan_memory(config: TrainConfig, backbone, images: int, device: torch.device
         planned = estimate(parts, config, images, dtype, budget)
         log.info("Memory plan: %s predicted, %.1f GiB free (memory: off changes nothing).", planned.describe(),
                  free / GIB)
-        return config, planned
+        return config, planned, ""
     try:
         fitted, planned, _ = fit(config, parts, images, budget, in_host, dtype)
     except ConfigError as error:
         if not in_host:
             raise
         log.warning("%s", error)
-        return config, None
+        return config, None, str(error)
     changes = _changes(config, fitted)
-    if changes:
-        log.warning("memory: auto turned on %s: without it the run would need more than the %.1f GiB free; now %s.",
-                    describe_changes(changes), free / GIB, planned.describe())
-    else:
+    if not changes:
         log.info("Memory plan: %s predicted, %.1f GiB free.", planned.describe(), free / GIB)
-    return fitted, planned
+        return fitted, planned, ""
+    note = (f"memory: auto turned on {describe_changes(changes)}: without it the run would need more than the "
+            f"{free / GIB:.1f} GiB free; now {planned.describe()}.")
+    log.warning("%s", note)
+    return fitted, planned, note
 
 
 def report(config: TrainConfig, parts: MemoryParts, images: int, free: int | None) -> str:

@@ -72,7 +72,9 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     given_backbone = backbone is not None  # a host's loaded model
     if backbone is None:
         backbone = kind.load(config, data)
-    config, planned = plan_memory(config, backbone, len(getattr(data, "items", ())), device)
+    config, planned, note = plan_memory(config, backbone, len(getattr(data, "items", ())), device)
+    if note:  # the tab's status shows it (jobs.JobStatus.warning)
+        bus.emit("warning", 0, 0, message=note)
     examples = backbone.prepare(config, data, accelerator, bus)
     config = backbone.settle(config)
 
