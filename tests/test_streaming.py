@@ -41,7 +41,10 @@ def shares_buffers(stream: BlockStreamer) -> bool:
                if not tensor.requires_grad)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+SLOW = pytest.mark.slow  # the default run's time budget; CI runs it with -m slow
+
+
+@pytest.mark.parametrize("family", [pytest.param(family, marks=() if family == "flux1" else SLOW) for family in FAMILIES])
 def test_streamed_blocks_train_the_same_lora_bit_for_bit(family, dataset, tmp_path, monkeypatch):
     checkpoint = FAMILIES[family][0](tmp_path / "model")
     plain, _ = trained(family, checkpoint, dataset, tmp_path / "plain")
@@ -60,6 +63,7 @@ def test_streamed_blocks_train_the_same_lora_bit_for_bit(family, dataset, tmp_pa
         assert any(v.abs().max() > 0 for k, v in streamed.items() if "lora_up" in k or "lora_B" in k)
 
 
+@SLOW
 def test_streaming_holds_fp8_blocks_as_their_bytes(dataset, tmp_path):
     checkpoint = build_tiny_flux(tmp_path / "model")
     plain, _ = trained("flux1", checkpoint, dataset, tmp_path / "plain", base_weights="fp8")
@@ -123,6 +127,7 @@ def test_an_out_of_memory_error_names_streaming_for_the_transformer_families_onl
     assert not any("stream_blocks" in lever for lever in levers_off(sd))
 
 
+@SLOW
 def test_previews_render_the_same_with_streamed_blocks(dataset, tmp_path, monkeypatch):
     """A preview runs the transformer without gradients, between training steps: the same image when its blocks take
     turns in one buffer."""
