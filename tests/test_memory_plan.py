@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import transformer_config
 from lora_trainer.backbones.flux import FluxBackbone
 from lora_trainer.backbones.tiny_flow import build_tiny_flux
 from lora_trainer.config import make_config, resolve
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.memory import plan
 from lora_trainer.memory.plan import GIB, estimate, fit, plan_memory
 
@@ -48,7 +49,12 @@ def real_shapes():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(flow, "_real_models", on_meta)
         patch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # the builders move encoders
-        models = {family: flow.BUILDERS[family](torch.device("meta")) for family in ("flux1", "zimage", "klein4b")}
+        models = {}
+        for family in ("flux1", "zimage", "klein4b"):
+            try:
+                models[family] = flow.BUILDERS[family](torch.device("meta"))
+            except (ImportError, AttributeError, LoraTrainerError):  # klein and Z-Image need newer diffusers
+                pass
         with torch.device("meta"):
             unet = UNet2DConditionModel(
                 sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
@@ -70,6 +76,8 @@ def bench_config(family: str, **options):
 
 @pytest.mark.parametrize("family", MEASURED)
 def test_the_plan_predicts_every_measured_row_within_15_percent(family, real_shapes):
+    if family not in real_shapes:
+        pytest.skip(f"{family} needs newer diffusers/transformers")
     backbone = real_shapes[family]
     for options, measured in MEASURED[family]:
         config = bench_config(family, **options)
@@ -136,6 +144,9 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_or_warned_about_in_a_
     assert plan_memory(off, backbone, 8, torch.device("cuda"))[0] is off
 
 
+@pytest.mark.skipif("gradient_checkpointing_func" not in inspect.signature(
+    __import__("diffusers").ModelMixin.enable_gradient_checkpointing).parameters,
+    reason="checkpointing a diffusion transformer needs diffusers >= 0.32")
 def test_memory_auto_turns_checkpointing_on_in_a_run(dataset, tmp_path, monkeypatch):
     """The loop trains with what the plan chose (asked as if on a GPU with memory free between the tiny model's
     training peaks with and without checkpointing; its autoencoder's, larger, left out)."""
