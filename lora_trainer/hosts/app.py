@@ -61,9 +61,9 @@ class StandaloneHost:
         from lora_trainer.backbones import memory_report
         from lora_trainer.memory.plan import free_memory
 
-        gpu = torch.cuda.is_available() and not config.device.startswith(("cpu", "mps"))
-        return memory_report(config, free_memory(torch.device(config.device if config.device.startswith("cuda") else
-                                                              "cuda")) if gpu else None)
+        if not torch.cuda.is_available() or config.device.startswith(("cpu", "mps")):
+            return memory_report(config, None)
+        return memory_report(config, free_memory(torch.device("cuda" if config.device == "auto" else config.device)))
 
     def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         from lora_trainer.train.loop import train_lora
