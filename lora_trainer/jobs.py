@@ -100,12 +100,7 @@ class Trainer:
             if self.job is not None and self.job.running:
                 raise BusyError(f"A training job is already running ({self.job.name}, step {self.job.step} of "
                                 f"{self.job.total}). Interrupt it or wait for it to finish.")
-            values = {k: v for k, v in values.items() if v is not None}
-            typed = str(values.get("output_name", "")).strip()
-            # named before the host derives folders from the name
-            values["output_name"] = lora_name(typed, values.get("train_data_dir", ""))
-            values = self.host.prepare(values)
-            config = make_config(values)
+            config, typed = self._config(values)
             if config.model_type == "image":
                 check_images(config)
             self._cancel = CancelToken()
@@ -125,9 +120,15 @@ class Trainer:
         if plan is None:
             raise LoraTrainerError("This front door has no memory plan yet: run `python -m lora_trainer plan --config "
                                    "...` on the command line.")
+        return plan(self._config(values)[0])
+
+    def _config(self, values: dict[str, Any]) -> tuple[TrainConfig, str]:
+        """The config of form or API `values` as the host completes it, and the LoRA name as typed."""
         values = {k: v for k, v in values.items() if v is not None}
-        values["output_name"] = lora_name(str(values.get("output_name", "")).strip(), values.get("train_data_dir", ""))
-        return plan(make_config(self.host.prepare(values)))
+        typed = str(values.get("output_name", "")).strip()
+        # named before the host derives folders from the name
+        values["output_name"] = lora_name(typed, values.get("train_data_dir", ""))
+        return make_config(self.host.prepare(values)), typed
 
     def interrupt(self) -> bool:
         """Ask the running job to save what it has and stop; False when nothing runs."""

@@ -296,27 +296,26 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                 return with_captions(folder_value, f"**Problem:** {exc}")
             return with_captions(folder_value, f"Changed {changed} captions.")
 
-        def on_train(folder_value, *args):
+        def form_values(folder_value, args) -> dict:
+            """The config values of the form: the folder, the base model box (the app's), the settings."""
             base = args[:len(base_inputs)]
             values = config_values(dict(zip(names, args[len(base_inputs):])))
             values["train_data_dir"] = folder_value.strip()
             if base:
                 values["base_model"] = base[0].strip()
+            return values
+
+        def on_train(folder_value, *args):
             try:
-                job = trainer.start(values)
+                job = trainer.start(form_values(folder_value, args))
             except LoraTrainerError as exc:
                 return f"**Not started:** {_named(str(exc))}", ""
             return describe(job), f"task(lora_trainer-{job.id})"
 
         def on_plan(folder_value, *args):
             """The predicted peak GPU memory of these settings on the loaded model, and what memory: auto picks."""
-            base = args[:len(base_inputs)]
-            values = config_values(dict(zip(names, args[len(base_inputs):])))
-            values["train_data_dir"] = folder_value.strip()
-            if base:
-                values["base_model"] = base[0].strip()
             try:
-                return "```\n" + trainer.memory_plan(values) + "\n```"
+                return "```\n" + trainer.memory_plan(form_values(folder_value, args)) + "\n```"
             except LoraTrainerError as exc:
                 return f"**Problem:** {_named(str(exc))}"
 
