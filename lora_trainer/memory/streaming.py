@@ -23,12 +23,6 @@ log = logging.getLogger(__name__)
 ALIGN = 256  # bytes: each tensor in a slot starts where cuBLAS and vectorised kernels want it
 
 
-def _disabled(fn):
-    """`fn` run as plain Python under torch.compile (a compiled block calls its hooks from the compiled code)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable else fn
-
-
 class BlockStreamer:
     """`count` of `blocks` (in the order they run) kept in CPU memory, evenly spread so that each copy overlaps the
     blocks on the GPU before it. Use: `adopt` each streamed block (after it is quantized), `finish`, then `reset`
@@ -96,7 +90,7 @@ class BlockStreamer:
             for entry in layout:
                 _point(entry, _view(self.buffers[j % self.slots], entry))
         for block in self.blocks:
-            block.register_forward_pre_hook(_disabled(self._before))
+            block.register_forward_pre_hook(self._before)  # never compiled: streaming runs uncompiled
         log.info("Streaming %d of the transformer's blocks (%.2f GB) from CPU memory through %d GPU buffers of %.2f GB.",
                  self.count, sum(s.numel() for s in self.stored) / 1e9, self.slots, size / 1e9)
 
