@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 
 import numpy as np
@@ -18,9 +19,10 @@ from lora_trainer.backbones.flux import FluxBackbone
 from lora_trainer.backbones.sd import DiffusionBackbone
 from lora_trainer.backbones.tiny_flow import build_tiny_flux
 from lora_trainer.config import resolve
-from lora_trainer.errors import CheckpointError
+from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.kohya import read_lora_file
-from lora_trainer.memory.fp8 import FP8, Fp8Linear, quantize
+from lora_trainer.memory import with_fp8_compute
+from lora_trainer.memory.fp8 import FP8, Fp8Linear, compute_in_fp8, quantize
 from lora_trainer.train.loop import train_lora
 
 
@@ -66,6 +68,58 @@ def test_an_fp8_layer_multiplies_with_its_dequantized_weight_and_saves_only_its_
     compiled_x = x.detach().requires_grad_()
     torch.compile(layer, backend="aot_eager")(compiled_x).backward(grad)  # the compiler sees two opaque ops
     torch.testing.assert_close(compiled_x.grad, x.grad, rtol=0, atol=0)
+
+
+def test_an_fp8_compute_layer_multiplies_in_fp8_close_to_its_weight_and_keeps_the_same_backward():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Fp8Linear.of(linear, torch.device("cpu"))
+    assert compute_in_fp8([torch.nn.Sequential(layer, Fp8Linear.of(torch.nn.Linear(10, 8), torch.device("cpu")))]) \
+        == 48 * 64  # a shape torch._scaled_mm does not take (10 inputs) keeps the bf16 matmul
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(saved_into(saved), lambda t: t):
+        out = layer(x)
+    assert sorted((str(t.dtype), t.numel()) for t in saved) == [("torch.float32", 48), ("torch.float8_e4m3fn", 48 * 64)]
+    exact = F.linear(x, layer.dequantized(), linear.bias)
+    assert not torch.equal(out, exact)  # the input is rounded to fp8 for the matmul ...
+    assert (out - exact).abs().max() < 0.05 * exact.abs().max()  # ... to within a few percent of the result
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ layer.dequantized(), rtol=1e-6, atol=1e-6)  # the same input gradient
+    compiled_x = x.detach().requires_grad_()
+    compiled = torch.compile(layer, backend="aot_eager")(compiled_x)
+    compiled.backward(grad)
+    torch.testing.assert_close(compiled, out, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_x.grad, x.grad, rtol=0, atol=0)
+
+
+def test_fp8_compute_trains_flux_on_an_fp8_base_and_is_refused_where_it_cannot_run(flux, dataset, tmp_path,
+                                                                                    monkeypatch):
+    loras = {}
+    for compute in ("off", "on"):
+        config = transformer_config(flux, dataset, tmp_path / compute, max_steps=4, fp8_compute=compute,
+                                    base_weights="fp8" if compute == "off" else "auto")
+        backbone = FluxBackbone.load(config, None)
+        result, loras[compute] = train_and_keep(config, backbone)
+        layer = base_layer(backbone.transformer.get_submodule("single_transformer_blocks.0.proj_out"))
+        assert isinstance(layer, Fp8Linear) and layer.fp8_matmul is (compute == "on")  # auto became fp8
+        assert result.losses and all(math.isfinite(loss) for _, loss in result.losses)
+    off, on = loras["off"], loras["on"]
+    assert on.keys() == off.keys()
+    largest = max(v.abs().max() for v in off.values())
+    difference = max((on[k] - off[k]).abs().max() for k in off)
+    assert 0 < difference < 0.1 * largest  # it moves the LoRA, a little
+    for settings, words in (({"base_weights": "full"}, "base_weights: fp8 (or auto)"),
+                            ({"base_weights": "nf4"}, "base_weights: fp8 (or auto)")):
+        config = transformer_config(flux, dataset, tmp_path / "refused", fp8_compute="on", **settings)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            train_lora(config)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    config = transformer_config(flux, dataset, tmp_path / "ampere", fp8_compute="on")
+    with pytest.raises(ConfigError, match="RTX 3090 is 8.6"):
+        with_fp8_compute(config, torch.device("cuda"))
 
 
 def test_casting_a_model_moves_the_fp8_bytes_but_never_converts_them():

@@ -216,6 +216,8 @@ def test_host_unet_is_shared_not_copied_and_left_bit_identical(sd1_checkpoint, d
         train_lora(quick_config("", dataset, tmp_path / "te", base_model="", train_text_encoder=True), backbone=backbone())
     with pytest.raises(ConfigError, match="base_weights: fp8 is for models loaded from files"):
         train_lora(quick_config("", dataset, tmp_path / "fp8", base_model="", base_weights="fp8"), backbone=backbone())
+    with pytest.raises(ConfigError, match="fp8_compute is for models loaded from files"):
+        train_lora(quick_config("", dataset, tmp_path / "fp8c", base_model="", fp8_compute="on"), backbone=backbone())
 
     failing = backbone()
     calls = {"n": 0}

@@ -114,19 +114,21 @@ def backbone_class(config: TrainConfig) -> tuple[type, str]:
     raise ConfigError(f"{config.base_model} is not a model this trainer knows (model_type: {config.model_type}).")
 
 
-def memory_report(config: TrainConfig, free: int | None) -> str:
-    """The memory plan (`memory.plan.report`) of `config` trained from its files, for `free` bytes of GPU memory
-    (None: no GPU to compare with). The model is read into CPU memory for its shapes; nothing goes to the GPU."""
+def memory_report(config: TrainConfig, free: int | None, backbone: Backbone | None = None) -> str:
+    """The memory plan (`memory.plan.report`) of `config` trained from its files, or on a host's `backbone`, for
+    `free` bytes of GPU memory (None: no GPU to compare with). A model from files is read into CPU memory for its
+    shapes; nothing goes to the GPU."""
     from lora_trainer.config import resolve
     from lora_trainer.memory.plan import report
 
     if config.model_type != "image":
         raise ConfigError("The memory plan is for image models; a language model's memory follows load_in_4bit, "
                           "max_seq_length and gradient_checkpointing.")
-    kind, family = backbone_class(config)
+    kind, family = (type(backbone), backbone.family) if backbone is not None else backbone_class(config)
     config = resolve(config, family)
     data = kind.read_data(config)
-    return report(config, kind.load(config, data).memory_parts(config), len(data.items), free)
+    model = backbone if backbone is not None else kind.load(config, data)
+    return report(config, model.memory_parts(config), len(data.items), free)
 
 
 def weights_identity(*modules: torch.nn.Module | None) -> str:

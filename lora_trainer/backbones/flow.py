@@ -172,7 +172,7 @@ class FlowBackbone:
         blocks = repeated_blocks(self.transformer)
         stream = BlockStreamer(blocks, config.stream_blocks, device, dtype) if config.stream_blocks else None
         hold_base(blocks, config.base_weights, device, dtype, self.stored, "transformer",
-                  each=stream.adopt if stream else None)
+                  each=stream.adopt if stream else None, fp8_compute=config.fp8_compute == "on")
         self.stored = {}  # addresses of freed tensors from here on
         if stream:
             stream.finish()  # before the model moves: the streamed blocks' tensors are views into GPU buffers now

@@ -55,6 +55,10 @@ class HostBackbone(DiffusionBackbone):
     def prepare(self, config, data, accelerator, bus):
         """As for a file, once `base_weights: fp8` or `nf4` is refused: the host's weights stay where the host keeps
         them, so a quantized copy would add to the memory it is meant to save."""
+        if config.fp8_compute == "on":
+            raise ConfigError("fp8_compute is for models loaded from files: it multiplies with an fp8 copy of the base, "
+                              "and inside a host the LoRA trains on the host's loaded model as the host holds it. Set "
+                              "fp8_compute: off.")
         if config.base_weights in ("fp8", "nf4"):
             raise ConfigError(f"base_weights: {config.base_weights} is for models loaded from files. Inside a host the LoRA trains on "
                               "the host's loaded model as the host holds it (a quantized copy would add to its memory, not "

@@ -333,7 +333,7 @@ class DiffusionBackbone:
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         self.unet.requires_grad_(False)
         hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
-                  dtype, what="UNet")
+                  dtype, what="UNet", fp8_compute=config.fp8_compute == "on")
         _place(self.unet, device, dtype)
         # text conditioning: cached once unless captions change per step or the text encoder trains
         run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]

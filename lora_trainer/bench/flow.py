@@ -218,14 +218,16 @@ def step_flops(backbone, device: torch.device) -> float:
 def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", device: str = "auto",
                peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False, compile_model: bool = False,
                fp8: bool = False, vram_gib: float | None = None, lean: bool = False, gguf: str = "",
-               nf4: bool = False, stream: int = 0, memory_auto: bool = False, only: tuple[str, ...] = ()) -> dict:
+               nf4: bool = False, stream: int = 0, memory_auto: bool = False, fp8_compute: bool = False,
+               only: tuple[str, ...] = ()) -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
     The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
     `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
     drift); `only` keeps the rows of these names; `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it; `stream` a row
     of fp8 + checkpointing with that many blocks streamed (`stream_blocks`); `memory_auto` a row where the memory plan
-    picks the levers for the `vram_gib` cap (the others train as set)."""
+    picks the levers for the `vram_gib` cap (the others train as set); `fp8_compute` a row of fp8 + checkpointing with
+    `fp8_compute: on`, its LoRA compared with the fp8 row's and the full-precision one's."""
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
     rows = {}
@@ -259,6 +261,9 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             modes += [("fp8", {**captured, "base_weights": "fp8"}),
                       ("fp8 + checkpointing", {**captured, "base_weights": "fp8", "gradient_checkpointing": True,
                                                "vram_gib": vram_gib})]
+        if fp8_compute:
+            modes.append(("fp8 compute + checkpointing", {**captured, "base_weights": "fp8", "fp8_compute": "on",
+                                                          "gradient_checkpointing": True, "vram_gib": vram_gib}))
         streamed = f"fp8 + stream {stream} + checkpointing"
         if stream:
             modes.append((streamed, {**captured, "base_weights": "fp8", "gradient_checkpointing": True,
@@ -304,6 +309,11 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
         plain_fp8 = rows.get("fp8 + checkpointing")
         stream_drift = lora_difference(plain_fp8["lora_file"], rows[streamed]["lora_file"]) \
             if plain_fp8 and streamed in rows else None
+        fast = rows.get("fp8 compute + checkpointing")
+        fp8_compute_drift = {versus: lora_difference(rows[versus]["lora_file"], fast["lora_file"])
+                             for versus in ("checkpointing", "fp8 + checkpointing") if fast and versus in rows}
+        fp8_compute_gap = loss_gap(rows["checkpointing"]["losses"], fast["losses"]) \
+            if fast and "checkpointing" in rows else None
         q8 = "gguf Q8_0 + checkpointing"
         q8 = q8 if "checkpointing" in rows else ""
         gguf_drift = lora_difference(rows["checkpointing"]["lora_file"], rows[q8]["lora_file"]) if q8 in rows else None
@@ -314,6 +324,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
               "fp8_vs_full_lora_difference": fp8_drift, "fp8_vs_full_loss_gap": fp8_gap, "vram_gib_cap": vram_gib,
               "gguf_q8_vs_full_lora_difference": gguf_drift, "gguf_q8_vs_full_loss_gap": gguf_gap,
               "streamed_vs_fp8_lora_difference": stream_drift,
+              "fp8_compute_lora_difference": fp8_compute_drift or None, "fp8_compute_vs_full_loss_gap": fp8_compute_gap,
               "rows": [{"trainer": f"lora_trainer, {name}", "steps_per_s": round(r["steps_per_s"], 3),
                         "first_5_steps_s": round(r["first_5_steps_s"], 1),
                         "peak_gib": r["peak_gib"] and round(r["peak_gib"], 2),

@@ -175,14 +175,15 @@ def _time_processes(processes: int, checkpoint: Path, data: Path, tmp: Path, res
 def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str = "real", device: str = "auto",
                 peak_tflops: float = 790.0, out: Path | None = None, checkpointing: bool = False,
                 processes: int = 1, levers: bool = False, compile_unet: bool = False, fp8: bool = False,
-                lean: bool = False, vram_gib: float | None = None) -> dict:
+                lean: bool = False, vram_gib: float | None = None, fp8_compute: bool = False) -> dict:
     """Our trainer beside the plain eager loop on the same model and modules; prints a table, returns numbers.
 
     `processes` > 1 also times the trainer in that many processes (one GPU each; on a CPU, gloo) at `batch`
     images per process; `levers` times each lever of the plain loop on its own, eagerly and captured;
     `compile_unet` adds a row with `torch_compile: true` (its first step includes the compile); `fp8` rows with
     `base_weights: fp8`, with and without checkpointing; `lean` leaves out the host rows; `vram_gib` caps the memory
-    of the fp8 + checkpointing row (a smaller card emulated).
+    of the fp8 + checkpointing row (a smaller card emulated); `fp8_compute` adds fp8 + checkpointing with
+    `fp8_compute: on`.
     """
     from lora_trainer.backbones.sd import DiffusionBackbone
     from lora_trainer.backbones.tiny import build_tiny_checkpoint
@@ -226,7 +227,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
         ours["off_again"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "off",
                                           tag="-again")
         noise_floor = lora_difference(ours["off"]["lora_file"], ours["off_again"]["lora_file"])
-        if checkpointing or fp8:
+        if checkpointing or fp8 or fp8_compute:
             ours["checkpointing"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device,
                                                   "auto", checkpointing=True)
         if fp8:
@@ -234,6 +235,12 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
                 ours[name] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
                                            checkpointing=with_checkpointing, extra={"base_weights": "fp8"},
                                            vram_gib=vram_gib if with_checkpointing else None, tag=f"-{name}")
+        if fp8_compute:
+            ours["fp8_compute"] = _time_trainer(checkpoint, data, tmp, resolution, batch, steps, torch_device, "auto",
+                                               checkpointing=True, extra={"base_weights": "fp8", "fp8_compute": "on"},
+                                               vram_gib=vram_gib, tag="-fp8_compute")
+        fp8_compute_drift = lora_difference(ours["checkpointing"]["lora_file"], ours["fp8_compute"]["lora_file"]) \
+            if fp8_compute else None
         fp8_drift = lora_difference(ours["checkpointing"]["lora_file"], ours["fp8_checkpointing"]["lora_file"]) \
             if fp8 else None
         fp8_gap = loss_gap(ours["checkpointing"]["losses"], ours["fp8_checkpointing"]["losses"]) if fp8 else None
@@ -257,6 +264,8 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
                          *((("lora_trainer, base_weights: fp8", ours["fp8"]),
                             ("lora_trainer, base_weights: fp8 + gradient checkpointing", ours["fp8_checkpointing"]))
                            if fp8 else ()),
+                         *((("lora_trainer, fp8_compute: on + gradient checkpointing", ours["fp8_compute"]),)
+                           if fp8_compute else ()),
                          *((("lora_trainer, torch_compile: true", ours["compiled"]),) if compile_unet else ()),
                          *(((f"lora_trainer, {processes} processes, eager step (DDP)", multi["off"]),
                             (f"lora_trainer, {processes} processes (cuda_graphs: auto)", multi["auto"]))
@@ -276,7 +285,7 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
               "compiled_vs_eager_lora_difference": compiled_drift,
               # what quantizing the base does, against the same run on the full-precision base (both checkpointed)
               "fp8_vs_full_lora_difference": fp8_drift, "fp8_vs_full_loss_gap": fp8_gap, "vram_gib_cap": vram_gib,
-              "levers": lever_rows}
+              "fp8_compute_vs_full_lora_difference": fp8_compute_drift, "levers": lever_rows}
     if processes > 1:
         report["processes"] = processes
         report["multi_process_speedup_vs_one"] = round(
@@ -294,6 +303,9 @@ def bench_train(family: str = "sd15", batch: int = 4, steps: int = 50, size: str
     if fp8:
         print(f"base_weights: fp8 vs full (both checkpointed): LoRA largest difference {fp8_drift:.2e} of the largest "
               f"weight, losses {100 * fp8_gap:.2f}% apart on average")
+    if fp8_compute:
+        print(f"fp8_compute: on vs full base (both checkpointed): LoRA largest difference {fp8_compute_drift:.2e} of "
+              "the largest weight")
     if processes > 1:
         print(f"{processes} processes (cuda_graphs: auto) vs one: {report['multi_process_speedup_vs_one']}x the images/s; "
               f"LoRA captured vs eager step: {multi_drift:.2e}")

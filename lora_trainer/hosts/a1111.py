@@ -135,7 +135,7 @@ class WebUIHost:
     test_progress_js = TEST_PROGRESS_JS
     # the model is the loaded one, and its text encoder is the WebUI's (with the WebUI's own clip skip setting)
     hidden_keys = ("family", "prediction_type", "allow_pickle", "clip_skip", "train_text_encoder", "text_encoder_lr",
-                   "device", "base_weights", "stream_blocks")
+                   "device", "base_weights", "stream_blocks", "fp8_compute")
 
     def __init__(self) -> None:
         self.training = False

@@ -241,14 +241,15 @@ def _bench(args: argparse.Namespace) -> int:
         bench_flow(family=args.family, steps=args.steps, size=args.size if args.size != "base" else "real",
                    device=args.device, out=args.out, checkpointing=args.checkpointing, compile_model=args.compile,
                    fp8=args.fp8, vram_gib=args.vram_gib, lean=args.lean, gguf=args.gguf, nf4=args.nf4,
-                   stream=args.stream, memory_auto=args.memory_auto, only=tuple(args.rows.split(",")) if args.rows else ())
+                   stream=args.stream, memory_auto=args.memory_auto, fp8_compute=args.fp8_compute, only=tuple(args.rows.split(",")) if args.rows else ())
         return 0
     if args.what == "train":
         from lora_trainer.bench import bench_train
 
         bench_train(family=args.family, batch=args.batch, steps=args.steps, size=args.size if args.size != "base" else "real",
                     device=args.device, out=args.out, checkpointing=args.checkpointing, processes=args.processes,
-                    levers=args.levers, compile_unet=args.compile, fp8=args.fp8, lean=args.lean, vram_gib=args.vram_gib)
+                    levers=args.levers, compile_unet=args.compile, fp8=args.fp8, lean=args.lean, vram_gib=args.vram_gib,
+                    fp8_compute=args.fp8_compute)
         return 0
     bench_caption(size=args.size, images=args.images, batch_size=args.batch_size, plain_images=args.plain_images,
                   num_beams=args.num_beams, max_length=args.max_length, device=args.device, out=args.out)
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory-auto", action="store_true",
                        help="train, transformer families: also time a row where memory: auto picks the levers for "
                             "the --vram-gib cap (every other row trains as set).")
+    bench.add_argument("--fp8-compute", action="store_true",
+                       help="train: also time fp8 + checkpointing with fp8_compute: on (the frozen base's matmuls in "
+                            "fp8), its LoRA compared with fp8 storage alone and with the full-precision base.")
     bench.add_argument("--nf4", action="store_true",
                        help="train, transformer families: also time base_weights: nf4 with checkpointing.")
     bench.add_argument("--gguf", choices=["Q8_0", "Q4_K"], default="",

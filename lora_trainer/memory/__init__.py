@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import torch
 
+from lora_trainer.config import TrainConfig
 from lora_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,37 @@ def holds_quantized(base_weights: str, stored: bool) -> bool:
     return wanted
 
 
+def with_fp8_compute(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """`config` ready for `fp8_compute: on`, before anything loads: the base held in fp8 (base_weights 'auto' becomes
+    'fp8'; an fp8 file keeps its bytes either way). Refused where it cannot run: language models, a base held in
+    full precision or NF4 by choice, a GPU without fp8 tensor cores, a torch without `_scaled_mm` or custom ops."""
+    if config.fp8_compute != "on":
+        return config
+    if config.model_type != "image":
+        raise ConfigError("fp8_compute is for image models; set fp8_compute: off.")
+    if config.base_weights in ("full", "nf4"):
+        raise ConfigError(f"fp8_compute: on multiplies with the base's fp8 weights, and base_weights: "
+                          f"{config.base_weights} holds them otherwise. Set base_weights: fp8 (or auto), or "
+                          "fp8_compute: off.")
+    if not (hasattr(torch, "_scaled_mm") and hasattr(torch.library, "custom_op")):
+        raise ConfigError(f"fp8_compute needs torch 2.4 or newer (this is {torch.__version__}). Update torch, or set "
+                          "fp8_compute: off.")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"fp8_compute needs a GPU with fp8 tensor cores (RTX 40xx or 50xx, Ada, Hopper, Blackwell: "
+                          f"compute capability 8.9 or later); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
+                          "Set fp8_compute: off (base_weights: fp8 still halves the base's memory).")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"fp8_compute runs on CUDA GPUs (and the CPU), not on {device.type}. Set fp8_compute: off.")
+    return dataclasses.replace(config, base_weights="fp8") if config.base_weights == "auto" else config
+
+
 def hold_base(blocks: list[torch.nn.Module], base_weights: str, device: torch.device, dtype: torch.dtype,
               stored: dict | None = None, what: str = "model",
-              each: Callable[[torch.nn.Module], None] | None = None) -> None:
+              each: Callable[[torch.nn.Module], None] | None = None, fp8_compute: bool = False) -> None:
     """The linear layers inside `blocks` held as `base_weights` says (`holding.hold_linears`; `stored`: how a quantized
-    file held them; `each` called with every block once held), logged; nothing when the run holds its base in full
-    precision."""
+    file held them; `each` called with every block once held), the fp8 ones multiplying in fp8 with `fp8_compute`,
+    logged; nothing when the run holds its base in full precision."""
     if not holds_quantized(base_weights, bool(stored)):
         return
     from lora_trainer.memory.holding import hold_linears  # torch 2.4's custom ops
@@ -49,6 +76,10 @@ def hold_base(blocks: list[torch.nn.Module], base_weights: str, device: torch.de
                         stored=stored, compute_dtype=dtype, each=each)
     log.info("Base weights (base_weights: %s): %s of the %s's weights on the GPU.", base_weights,
              ", ".join(f"{count / 1e9:.2f} B in {kind}" for kind, count in held.items() if count), what)
+    if fp8_compute:
+        from lora_trainer.memory.fp8 import compute_in_fp8
+
+        log.info("fp8_compute: %.2f B of the %s's weights multiply in fp8.", compute_in_fp8(blocks) / 1e9, what)
 
 
 def capture_blockers(base_weights: str, checkpointing_captured: bool) -> list[str]:

@@ -15,6 +15,7 @@ the base is frozen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,37 @@ def _input_grad(ctx, grad):
 fp8_linear.register_autograd(_input_grad, setup_context=_keep_bytes)
 
 
+@torch.library.custom_op("lora_trainer::fp8_matmul_linear", mutates_args=())
+def fp8_matmul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                      ) -> torch.Tensor:
+    """`fp8_linear` with the matmul itself in fp8 (`fp8_compute: on`): x quantized to e4m3 with one scale per row
+    (its largest magnitude to 448), then one `torch._scaled_mm` that applies both scales to its fp32 accumulator and
+    writes x's dtype. Twice bf16's matmul rate on GPUs with fp8 tensor cores (Ada, Hopper, Blackwell), and no
+    dequantized copy of the weight; x's rounding to 3 mantissa bits is what it costs the result."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    x_fp8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    w_scale = scale.float().reshape(-1, 1).expand(weight.shape[0], 1).reshape(1, -1)
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+@fp8_matmul_linear.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# the input's gradient stays a bf16 matmul on the dequantized weight: an fp8 one would need the weight's transpose
+# stored as well (torch._scaled_mm takes its second operand column-major), another byte per weight
+fp8_matmul_linear.register_autograd(_input_grad, setup_context=_keep_bytes)
+
+
+def can_compute_in_fp8(layer: torch.nn.Linear) -> bool:
+    """Whether `torch._scaled_mm` takes this layer's shape (both sizes multiples of 16)."""
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
 class Fp8Linear(FrozenLinear):
     """A frozen linear layer whose weight is stored as fp8 (e4m3fn) with a scale per tensor or per row.
 
@@ -79,6 +111,7 @@ class Fp8Linear(FrozenLinear):
         super().__init__(*weight.shape, bias)
         self.register_buffer("weight", weight.view(torch.uint8))
         self.register_buffer("scale", scale.float())
+        self.fp8_matmul = False  # `compute_in_fp8` turns it on
 
     @classmethod
     def of(cls, linear: torch.nn.Linear, device: torch.device, stored_scale: torch.Tensor | None = None) -> Fp8Linear:
@@ -96,7 +129,8 @@ class Fp8Linear(FrozenLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, bias = self.inputs(x)
-        return fp8_linear(x, self.weight.view(FP8), self.scale, bias)
+        linear = fp8_matmul_linear if self.fp8_matmul else fp8_linear
+        return linear(x, self.weight.view(FP8), self.scale, bias)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the layer multiplies with it."""
@@ -116,3 +150,15 @@ def quantize(weight: torch.Tensor, stored_scale: torch.Tensor | None = None) -> 
     rows = w.abs().amax(dim=1, keepdim=True)
     scale = (rows / FP8_MAX).to(torch.bfloat16).float().clamp(min=torch.finfo(torch.bfloat16).tiny)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def compute_in_fp8(modules: Iterable[torch.nn.Module]) -> int:
+    """Every fp8 layer inside `modules` whose shape allows it multiplies in fp8 from now on (`fp8_matmul_linear`);
+    how many weights that is."""
+    count = 0
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, Fp8Linear) and can_compute_in_fp8(layer):
+                layer.fp8_matmul = True
+                count += layer.weight.numel()
+    return count

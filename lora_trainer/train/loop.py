@@ -28,6 +28,7 @@ from lora_trainer.backbones import backbone_class
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.events import CancelToken, EventBus, Listener
+from lora_trainer.memory import with_fp8_compute
 from lora_trainer.memory.levers import levers_off
 from lora_trainer.memory.plan import plan_memory
 from lora_trainer.train import state as checkpoints
@@ -69,6 +70,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     bus.emit("start", data_summary=data.summary(), config=to_yaml(config))
     accelerator = _accelerator(config, out_dir / "logs")
     device = accelerator.device
+    config = with_fp8_compute(config, device)
     given_backbone = backbone is not None  # a host's loaded model
     if backbone is None:
         backbone = kind.load(config, data)
