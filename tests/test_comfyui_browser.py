@@ -1,6 +1,7 @@
 """The example workflow in ComfyUI's own frontend, in headless Chromium: open it from the Templates source,
-set the checkpoint and the folder, queue it, get the LoRA. Skipped unless COMFYUI_PATH is set (see
-tests/test_comfyui_real.py) and chromium and the playwright package are installed.
+set the checkpoint and the folder, queue it, get the LoRA; and the memory plan as the frontend shows it under
+the Check memory and Train nodes. Skipped unless COMFYUI_PATH is set (see tests/test_comfyui_real.py) and
+chromium and the playwright package are installed.
 
 The frontend is the comfyui-frontend-package that COMFYUI_PYTHON has (the one the ComfyUI checkout pins):
 it lays out the widgets itself, so a workflow file whose widgets_values do not fit them fails here.
@@ -53,6 +54,51 @@ FRESH_NODE = """() => {
 }"""
 
 
+CHECK_MEMORY = """async () => {
+    // the nodes a user drops onto an empty canvas and wires: checkpoint and dataset into Check memory
+    app.graph.clear();
+    const add = (type, x, y) => { const node = LiteGraph.createNode(type); node.pos = [x, y]; app.graph.add(node);
+                                  return node; };
+    const checkpoint = add('CheckpointLoaderSimple', 0, 0), data = add('LoraTrainerDatasetFromFolder', 0, 300);
+    const plan = add('LoraTrainerMemoryPlan', 450, 0);
+    ['model', 'clip', 'vae'].forEach((name, i) => checkpoint.connect(i, plan, plan.findInputSlot(name)));
+    data.connect(0, plan, plan.findInputSlot('dataset'));
+    const set = (node, name, value) => { node.widgets.find(w => w.name === name).value = value; };
+    set(checkpoint, 'ckpt_name', 'tiny_sd15.safetensors');
+    set(data, 'folder', 'lora_data'); set(data, 'resolution', 64);
+    set(plan, 'output_name', 'browser_plan'); set(plan, 'max_steps', 2);
+    await app.queuePrompt(0, 1);
+    return plan.id;
+}"""
+
+# the text ComfyUI's frontend shows under a node (the widget it adds for the server's progress text)
+NODE_TEXT = """(id) => app.graph.getNodeById(id)?.widgets?.find(w => w.name === '$$node-text-preview')?.value || ''"""
+
+
+def _node_text(page, node_id: int, expected: str) -> str:
+    """The text the frontend shows under node `node_id` once it holds `expected` ('' if it does not within 60 s)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"([id, expected]) => ({NODE_TEXT})(id).includes(expected)", arg=[node_id, expected],
+                               timeout=60_000)
+    except PlaywrightTimeout:
+        return ""
+    return page.evaluate(NODE_TEXT, node_id)
+
+
+def _open_frontend(p, server, messages: list[str]):
+    """Headless Chromium on the server's page, once ComfyUI's app is up; (browser, page)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                      "--disable-background-networking"])
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+    page.goto(f"http://127.0.0.1:{server.port}/")
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+    return browser, page
+
+
 def _need_browser() -> None:
     try:
         import playwright  # noqa: F401
@@ -75,14 +121,7 @@ def test_example_workflow_runs_from_comfyuis_own_frontend(server):
     before = set(server.call("/history"))
     messages = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                          "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
-        page.goto(f"http://127.0.0.1:{server.port}/")
-        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-
+        browser, page = _open_frontend(p, server, messages)
         loaded = page.evaluate(LOAD_TEMPLATE)
         assert "widgets" in loaded, f"not among the templates: {loaded['listing']}"
         names = [name for name, _ in loaded["widgets"]]
@@ -114,9 +153,26 @@ def test_example_workflow_runs_from_comfyuis_own_frontend(server):
             if done or time.time() > deadline:
                 break
             time.sleep(1)
+        train = page.evaluate("() => app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora').id")
+        shown = _node_text(page, train, "Saved ") if done else ""
         browser.close()
     assert done, "nothing was queued:\n" + "\n".join(messages[-30:])
     assert done[0]["status"]["status_str"] == "success", json.dumps(done[0]["status"])[:3000]
+    assert "Predicted peak GPU memory of this run" in shown  # the Train node's text: the LoRA saved, and its plan
     _, metadata = read_lora_file(server.base / "models" / "loras" / "browser_lora.safetensors")
     assert metadata["ss_steps"] == "2" and metadata["ss_lr_scheduler"] == "cosine" and metadata["ss_seed"] == "42"
     assert list((server.base / "output").glob("lora_trainer_example*.png"))
+
+
+def test_check_memory_node_shows_the_plan_on_the_node(server):
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    messages = []
+    with sync_playwright() as p:
+        browser, page = _open_frontend(p, server, messages)
+        plan = page.evaluate(CHECK_MEMORY)
+        shown = _node_text(page, plan, "GiB")
+        browser.close()
+    assert shown, "no plan on the node:\n" + "\n".join(messages[-30:])
+    assert shown.startswith("Predicted peak GPU memory of this run (4 images, 64 px") and "No CUDA GPU here" in shown

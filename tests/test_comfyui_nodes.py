@@ -63,6 +63,8 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     mm = types.ModuleType("comfy.model_management")
     mm.unload_all_models = lambda: state.__setitem__("unloads", state["unloads"] + 1)
     mm.soft_empty_cache = lambda: None
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.current_loaded_models = []
     mm.processing_interrupted = lambda: state["interrupt_after"] is not None and state["step"] >= state["interrupt_after"]
 
     def throw():
@@ -97,6 +99,7 @@ def comfy(request, tmp_path, monkeypatch, tiny_checkpoints):
     for name, module in {"comfy": package, "comfy.model_management": mm, "comfy.utils": utils, "comfy.sd": sd,
                          "comfy.supported_models": supported, "folder_paths": folder_paths}.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "server", None)  # no ComfyUI server to show text under a node (see node_text)
 
     checkpoint = tiny_state_dict(family)
     host_unet = {k[len(UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX)}
@@ -129,7 +132,9 @@ def test_node_classes_follow_comfyuis_interface():
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
         if cls.__name__ == "TestLoraGrid":
             continue  # lists ComfyUI's loras folder: checked with the fake folder_paths below
-        for group in cls.INPUT_TYPES().values():
+        inputs = cls.INPUT_TYPES()
+        assert inputs.pop("hidden", {}) in ({}, {"unique_id": "UNIQUE_ID"})
+        for group in inputs.values():
             for name, spec in group.items():
                 assert isinstance(spec, tuple) and isinstance(spec[0], (str, list)), name
                 if len(spec) > 1 and "default" in spec[1] and "min" in spec[1]:
@@ -455,3 +460,58 @@ def test_output_name_never_leaves_the_loras_or_output_folder(comfy, dataset, tmp
     assert written and all(any(p.is_relative_to(folder) for folder in allowed) for p in written), written
     assert output["result"][2] == "x.safetensors"
     assert "The name '../../../escape/x' was changed to 'x'" in output["ui"]["text"][0]
+    assert "Predicted peak GPU memory" in output["ui"]["text"][0]  # without ComfyUI's server: only not shown live
+
+
+@pytest.fixture
+def node_text(monkeypatch) -> list[tuple[str, str]]:
+    """Stands in for ComfyUI's server module: the (text, node id) pairs sent to show under a running node."""
+    shown = []
+    server = types.ModuleType("server")
+    instance = types.SimpleNamespace(client_id="tab", send_progress_text=lambda text, node_id, sid=None: shown.append(
+        (text, node_id)))
+    server.PromptServer = types.SimpleNamespace(instance=instance)
+    monkeypatch.setitem(sys.modules, "server", server)
+    return shown
+
+
+def test_check_memory_node_shows_the_train_nodes_plan_and_moves_nothing(comfy, dataset, node_text):
+    from lora_trainer.hosts.comfyui import MemoryPlan, TrainLora
+
+    assert MemoryPlan.INPUT_TYPES() == TrainLora.INPUT_TYPES()
+    data = {"train_data_dir": str(dataset), "resolution": 64}
+    before = dict(comfy.host_unet)
+    output = MemoryPlan().plan(comfy.model, comfy.clip, comfy.vae, data, "planned", unique_id="5", max_steps=2,
+                               lora_rank=4, lora_alpha=4.0, learning_rate=1e-3, batch_size=0, lora_targets="attention",
+                               optimizer="adamw", lr_scheduler="constant", seed=1, save_every_n_steps=0,
+                               advanced="device: cpu")
+    plan = output["result"][0]
+    assert plan.startswith("Predicted peak GPU memory of this run (4 images, 64 px, batch 2, rank 4,")
+    assert output["ui"]["text"] == [plan] and node_text == [(plan, "5")]
+    assert comfy.state["unloads"] == 0 and not list(comfy.loras.iterdir())
+    assert all(comfy.host_unet[k] is v for k, v in before.items())  # the MODEL's tensors, not copies or moved ones
+
+    node_text.clear()
+    train(comfy, data, "planned", unique_id="9")
+    assert node_text[0] == (plan, "9")  # the Train node shows the same plan first
+
+
+def test_train_node_shows_the_runs_warnings_under_it_and_lists_them_at_the_end(comfy, dataset, node_text, monkeypatch):
+    from lora_trainer.events import Event
+    from lora_trainer.train import loop
+
+    real = loop.train_lora
+
+    def slowed(config, *, listeners, **options):
+        for listener in listeners:
+            listener(Event("warning", 5, 10, {"message": "Steps slowed down 4x: the GPU's memory is spilling."}))
+        return real(config, listeners=listeners, **options)
+
+    monkeypatch.setattr(loop, "train_lora", slowed)
+    output = train(comfy, {"train_data_dir": str(dataset), "resolution": 64}, "warned", unique_id="3")
+    texts = [text for text, node in node_text if node == "3"]
+    assert texts[0].startswith("Predicted peak GPU memory")
+    assert texts[1].startswith("Warning: Steps slowed down 4x") and texts[0] in texts[1]
+    report = output["ui"]["text"][0]
+    assert report.startswith("Saved ") and "Warning: Steps slowed down 4x" in report and texts[0] in report
+    assert texts[-1] == report

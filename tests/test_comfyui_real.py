@@ -133,7 +133,7 @@ def _training_graph(server: Server, name: str, steps: int, advanced: str = "") -
 
 def test_nodes_are_registered(server):
     for node_id in ("LoraTrainerCaptionFolder", "LoraTrainerDatasetFromFolder", "LoraTrainerDatasetFromImages",
-                    "LoraTrainerTrainLora", "LoraTrainerTestLoraGrid"):
+                    "LoraTrainerMemoryPlan", "LoraTrainerTrainLora", "LoraTrainerTestLoraGrid"):
         assert server.info[node_id]["category"] == "LoRA Trainer"
 
 
@@ -144,6 +144,8 @@ def test_example_workflow_trains_saves_and_samples_with_the_lora(server):
     _, metadata = read_lora_file(lora)
     assert metadata["ss_steps"] == "6" and metadata["ss_base_model_version"] == "sd_v1"
     assert list((server.base / "output").glob("lora_trainer_example*.png"))
+    report = result["outputs"]["3"]["text"][0]
+    assert report.startswith("Saved ") and "Predicted peak GPU memory of this run (4 images, 64 px" in report
 
     grid = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
             "2": {"class_type": "LoraTrainerTestLoraGrid",
@@ -158,6 +160,18 @@ def test_example_workflow_trains_saves_and_samples_with_the_lora(server):
     change = np.abs(base - with_lora).mean()
     assert change > 0.5, change
     assert "lora key not loaded" not in server.log.read_text()
+
+
+def test_check_memory_node_gives_the_plan_without_training(server):
+    graph = _training_graph(server, "comfy_plan", steps=2)
+    graph = {node: graph[node] for node in ("1", "2", "3")}  # the Train node's inputs and settings, nothing after
+    graph["3"]["class_type"] = "LoraTrainerMemoryPlan"
+    result = server.run(graph)
+    assert result["status"]["status_str"] == "success", result["status"]
+    plan = result["outputs"]["3"]["text"][0]
+    assert plan.startswith("Predicted peak GPU memory of this run (4 images, 64 px") and "No CUDA GPU here" in plan
+    assert not list((server.base / "models" / "loras").glob("comfy_plan*"))
+    assert not (server.base / "output" / "lora_trainer" / "comfy_plan").exists()
 
 
 def test_interrupt_leaves_a_usable_partial_lora(server):

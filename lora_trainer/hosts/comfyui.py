@@ -1,8 +1,10 @@
-"""ComfyUI node pack: caption a folder, make a dataset, train a LoRA on the graph's MODEL/CLIP/VAE, test it.
+"""ComfyUI node pack: caption a folder, make a dataset, check a run's memory, train a LoRA on the graph's
+MODEL/CLIP/VAE, test it.
 
 The nodes are thin: they turn ComfyUI's objects into the engine's (a HostBackbone sharing the loaded
-UNet, the graph's own VAE and CLIP for encoding) and the engine's events into ComfyUI's progress bar
-and interrupt. ComfyUI modules are imported inside the functions, so this file imports anywhere.
+UNet, the graph's own VAE and CLIP for encoding) and the engine's events into ComfyUI's progress bar,
+interrupt and the text under a running node. ComfyUI modules are imported inside the functions, so this
+file imports anywhere.
 """
 
 from __future__ import annotations
@@ -276,6 +278,68 @@ def comfy_backbone(model, clip, vae, seed: int = 0):
                                       encoder_id=weights_identity(vae.first_stage_model), zero_terminal_snr=zsnr)
 
 
+def _plan_backbone(model):
+    """The Train node's backbone in shapes only, for the memory plan: the UNet's tensors as meta tensors (nothing is
+    copied or moved, the MODEL is untouched), no encoders."""
+    from lora_trainer.backbones.host import HostBackbone
+
+    family = model_family(model)
+    shapes = {k: torch.empty_like(v, device="meta") for k, v in model.model.diffusion_model.state_dict().items()}
+    # SDXL's pooled text size only sets a small embedding's shape: 1280 in every SDXL model_family accepts
+    return HostBackbone.from_ldm_unet(shapes, family, encode_images=None, encode_prompts=None,
+                                      pooled_dim=1280 if family == "sdxl" else None)
+
+
+def _free_for_training() -> int | None:
+    """The GPU memory a Train node would find: what is free now plus what ComfyUI's loaded models hold (the node
+    unloads them first); None without a CUDA GPU."""
+    import comfy.model_management as mm
+
+    from lora_trainer.memory.plan import free_memory
+
+    device = mm.get_torch_device()
+    if not isinstance(device, torch.device) or device.type != "cuda":
+        return None
+    held = sum(loaded.model_loaded_memory() for loaded in mm.current_loaded_models if loaded.device == device)
+    return free_memory(device) + held
+
+
+def show_on_node(node_id: str | None, text: str) -> None:
+    """Put `text` under the running node (ComfyUI's progress text, which replaces what the node showed before).
+    Without ComfyUI's server (or a node id) nothing is shown: the log has it all the same."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if node_id is None or not hasattr(server, "send_progress_text"):
+        return
+    server.send_progress_text(text, node_id, getattr(server, "client_id", None))
+
+
+def _train_config(model, clip, dataset: dict, output_name: str, advanced: str, options: dict
+                  ) -> tuple[TrainConfig, list[str]]:
+    """The config a Train LoRA node's inputs make, and what it changed or noticed in them (a renamed LoRA, a LoRA
+    already on the MODEL/CLIP)."""
+    import folder_paths
+
+    extra = yaml.safe_load(advanced) if advanced.strip() else {}
+    if not isinstance(extra, dict):
+        raise HostError("'advanced' must be YAML lines of key: value.")
+    # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
+    name = lora_name(output_name, dataset["train_data_dir"])
+    notes = [note] if output_name.strip() and (note := renamed_note(output_name, name)) else []
+    unet_patches, clip_patches = _patched(model), _patched(getattr(clip, "patcher", None))
+    if unet_patches or clip_patches:
+        notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "
+                     "text encoder weights patched, e.g. by LoraLoader). Training ignores it and learns on the "
+                     "checkpoint's own weights; the MODEL and CLIP outputs apply it and the new LoRA together.")
+    values = {**dataset, **_values(TRAIN_WIDGETS, options), **extra, "output_name": name,
+              "output_dir": str(Path(folder_paths.get_output_directory()) / "lora_trainer" / name)}
+    values.setdefault("sample_prompts", [])
+    return make_config(values), notes
+
+
 def publish(lora_file: Path, name: str) -> Path:
     """Copy a finished LoRA into ComfyUI's loras folder atomically; returns its new path."""
     import folder_paths
@@ -303,46 +367,39 @@ class TrainLora:
         required["seed"] = _fixed_seed(required["seed"])
         return {"required": required,
                 "optional": {"advanced": ("STRING", {"multiline": True, "default": "",
-                                                     "tooltip": "More settings as YAML key: value lines (any train key)."})}}
+                                                     "tooltip": "More settings as YAML key: value lines (any train key)."})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}  # the node's id, to show text under it
 
     @classmethod
     def IS_CHANGED(cls, **_) -> float:
         """Never served from ComfyUI's cache: queuing the graph again trains again."""
         return float("nan")
 
-    def train(self, model, clip, vae, dataset: dict, output_name: str, advanced: str = "", **options):
+    def train(self, model, clip, vae, dataset: dict, output_name: str, advanced: str = "", unique_id: str | None = None,
+              **options):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
-        import folder_paths
 
+        from lora_trainer.backbones import memory_report
         from lora_trainer.events import CancelToken
         from lora_trainer.train.loop import train_lora
         from lora_trainer.train.plot import loss_plot
 
-        extra = yaml.safe_load(advanced) if advanced.strip() else {}
-        if not isinstance(extra, dict):
-            raise HostError("'advanced' must be YAML lines of key: value.")
-        # every file the run writes is models/loras/NAME* or output/lora_trainer/NAME/*
-        name = lora_name(output_name, dataset["train_data_dir"])
-        notes = [note] if output_name.strip() and (note := renamed_note(output_name, name)) else []
-        unet_patches, clip_patches = _patched(model), _patched(getattr(clip, "patcher", None))
-        if unet_patches or clip_patches:
-            notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "
-                         "text encoder weights patched, e.g. by LoraLoader). Training ignores it and learns on the "
-                         "checkpoint's own weights; the MODEL and CLIP outputs apply it and the new LoRA together.")
+        config, notes = _train_config(model, clip, dataset, output_name, advanced, options)
+        name = config.output_name
         for note in notes:
             log.warning("LoRA Trainer: %s", note)
-        values = {**dataset, **_values(TRAIN_WIDGETS, options), **extra, "output_name": name,
-                  "output_dir": str(Path(folder_paths.get_output_directory()) / "lora_trainer" / name)}
-        values.setdefault("sample_prompts", [])
-        config = make_config(values)
         cancel = CancelToken()
         bar = comfy.utils.ProgressBar(max(config.max_steps, 1))
+        warnings, plan = [], ""  # the run's warnings (the engine logs them) and memory plan, shown under the node
 
         def on_event(event) -> None:
             if mm.processing_interrupted():
                 cancel.set()
+            elif event.kind == "warning":
+                warnings.append(f"Warning: {event.data['message']}")
+                show_on_node(unique_id, "\n\n".join([*warnings, plan]))
             elif event.kind == "progress" and "phase" not in event.data:
                 try:
                     bar.update_absolute(event.step, event.total)
@@ -352,6 +409,9 @@ class TrainLora:
         # ComfyUI runs nodes under inference_mode; training needs autograd back, on clones of its tensors
         with torch.inference_mode(False), torch.enable_grad():
             backbone = comfy_backbone(model, clip, vae, seed=config.seed)
+            plan = memory_report(config, _free_for_training(), backbone)
+            log.info("LoRA Trainer memory plan:\n%s", plan)
+            show_on_node(unique_id, plan)
             result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
         if result.interrupted:
             if result.lora_file:
@@ -362,8 +422,42 @@ class TrainLora:
         lora = comfy.utils.load_torch_file(str(target), safe_load=True)
         model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         plot = torch.from_numpy(np.asarray(loss_plot(result.losses), dtype=np.float32) / 255.0)[None]
-        report = "\n".join([f"Saved {target} ({result.steps} steps).", *notes])
+        report = "\n".join([f"Saved {target} ({result.steps} steps).", *notes, *warnings, "", plan])
+        show_on_node(unique_id, report)
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, target.name, plot)}
+
+
+class MemoryPlan:
+    """The memory plan of a Train LoRA node's settings, before training: its predicted peak GPU memory and the
+    levers that would make it fit."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "plan"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("plan",)
+    DESCRIPTION = ("Give it the Train LoRA node's inputs and settings and queue it alone (Queue selected output "
+                   "nodes): it shows the run's predicted peak GPU memory, moving nothing onto the GPU.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return TrainLora.INPUT_TYPES()
+
+    @classmethod
+    def IS_CHANGED(cls, **_) -> float:
+        """Never served from ComfyUI's cache: the free GPU memory and the images change under it."""
+        return float("nan")
+
+    def plan(self, model, clip, vae, dataset: dict, output_name: str, advanced: str = "", unique_id: str | None = None,
+             **options) -> dict:
+        from lora_trainer.backbones import memory_report
+
+        config, _ = _train_config(model, clip, dataset, output_name, advanced, options)
+        with torch.inference_mode(False):  # ComfyUI runs nodes under inference_mode; the UNet skeleton needs it off
+            backbone = _plan_backbone(model)
+        plan = memory_report(config, _free_for_training(), backbone)
+        show_on_node(unique_id, plan)
+        return {"ui": {"text": [plan]}, "result": (plan,)}
 
 
 class TestLoraGrid:
@@ -419,6 +513,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraTrainerCaptionFolder": CaptionFolder,
     "LoraTrainerDatasetFromFolder": DatasetFromFolder,
     "LoraTrainerDatasetFromImages": DatasetFromImages,
+    "LoraTrainerMemoryPlan": MemoryPlan,
     "LoraTrainerTrainLora": TrainLora,
     "LoraTrainerTestLoraGrid": TestLoraGrid,
 }
@@ -426,6 +521,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraTrainerCaptionFolder": "Caption Folder (BLIP)",
     "LoraTrainerDatasetFromFolder": "LoRA Dataset from Folder",
     "LoraTrainerDatasetFromImages": "LoRA Dataset from Images",
+    "LoraTrainerMemoryPlan": "LoRA Trainer: Check memory",
     "LoraTrainerTrainLora": "Train LoRA (LoRA Trainer)",
     "LoraTrainerTestLoraGrid": "Test LoRA Grid",
 }
