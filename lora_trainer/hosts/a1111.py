@@ -175,9 +175,9 @@ class WebUIHost:
         """The memory plan of `config` on the loaded model, read where it is (nothing moves, nothing is restored)."""
         from modules import devices, shared
 
+        from lora_trainer.backbones import memory_report
         from lora_trainer.backbones.host import HostBackbone
-        from lora_trainer.config import resolve
-        from lora_trainer.memory.plan import free_memory, report
+        from lora_trainer.memory.plan import free_memory
 
         sd_model = shared.sd_model
         if not _is_loaded(sd_model):
@@ -185,14 +185,11 @@ class WebUIHost:
         objects = getattr(sd_model, "forge_objects", None)
         unet = objects.unet.model.diffusion_model if objects is not None else sd_model.model.diffusion_model
         family = _family(sd_model)
-        config = resolve(config, family)
-        images = len(HostBackbone.read_data(config).items)
         # SDXL's pooled text size only sets a small embedding's shape: the base model's 1280 for the plan
         backbone = HostBackbone.from_ldm_unet(unet.state_dict(), family, encode_images=None, encode_prompts=None,
                                               pooled_dim=1280 if family == "sdxl" else None)
         device = devices.device if isinstance(devices.device, torch.device) else torch.device(devices.device)
-        free = free_memory(device) if device.type == "cuda" else None
-        return report(config, backbone.memory_parts(config), images, free)
+        return memory_report(config, free_memory(device) if device.type == "cuda" else None, backbone)
 
     def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         from modules import call_queue, progress, shared
