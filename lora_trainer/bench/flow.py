@@ -222,7 +222,7 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
                only: tuple[str, ...] = ()) -> dict:
     """Our trainer, eager and captured (and with checkpointing, compiled, on an fp8 base, if asked) on `family`.
 
-    The fp8 rows start from the model in CPU memory, as from a file, so that their peak is what a card needs;
+    Every row starts from the model in CPU memory, as from a file, so that its peak is what a card needs;
     `vram_gib` caps the memory of the fp8 + checkpointing and GGUF rows; `lean` leaves out the eager rows (and the
     drift); `only` keeps the rows of these names; `nf4` a row with `base_weights: nf4`; `gguf` ('Q8_0', 'Q4_K') a row on the transformer held as a GGUF file of that type holds it; `stream` a row
     of fp8 + checkpointing with that many blocks streamed (`stream_blocks`); `memory_auto` a row where the memory plan
@@ -284,9 +284,11 @@ def bench_flow(family: str = "flux1", steps: int = 30, size: str = "real", devic
             model = fresh()
             if size == "real" and name.startswith("gguf"):
                 as_gguf(model, gguf)
-            if size == "real" and (mode.get("base_weights") in ("fp8", "nf4") or name.startswith(("gguf", "memory"))):
+            if size == "real":
+                # as loaded from a file: the encoders go to the GPU for caching, then the transformer (layer by layer
+                # where it is quantized or streamed), so each row's peak is what a card needs, and what `plan` predicts
                 for module in (model.transformer, model.vae, *model.text_encoders):
-                    module.to("cpu")  # as loaded from a file: the transformer goes to the GPU layer by layer, in fp8
+                    module.to("cpu")
                 torch.cuda.empty_cache()
             if size != "real":
                 options["base_model"] = str(model)
