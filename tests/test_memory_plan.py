@@ -22,9 +22,14 @@ from lora_trainer.memory.plan import GIB, estimate, fit, plan_memory
 MEASURED = {
     "flux1": [({}, 62.2), ({"gradient_checkpointing": True, "base_weights": "fp8"}, 15.06),
               ({"gradient_checkpointing": True, "base_weights": "fp8", "stream_blocks": 24}, 11.04),
-              ({"gradient_checkpointing": True, "base_weights": "fp8", "stream_blocks": 40}, 9.36)],
+              ({"gradient_checkpointing": True, "base_weights": "fp8", "stream_blocks": 40}, 9.36),
+              # what memory: auto chose under 12 and 8 GiB caps, and fp8_compute (its rounded inputs not counted)
+              ({"gradient_checkpointing": True, "stream_blocks": 41, "vram_gib": 12}, 11.25),
+              ({"gradient_checkpointing": True, "stream_blocks": 52, "vram_gib": 8}, 7.25),
+              ({"gradient_checkpointing": True, "base_weights": "fp8", "fp8_compute": "on"}, 15.41)],
     "zimage": [({}, 49.4), ({"gradient_checkpointing": True, "base_weights": "fp8"}, 8.87)],
-    "klein4b": [({}, 25.5), ({"gradient_checkpointing": True, "base_weights": "fp8"}, 5.94)],
+    "klein4b": [({}, 25.5), ({"gradient_checkpointing": True, "base_weights": "fp8"}, 5.94),
+                ({"gradient_checkpointing": True, "base_weights": "nf4"}, 5.97)],
     "sdxl": [({}, 13.55), ({"gradient_checkpointing": True}, 7.91), ({"base_weights": "fp8"}, 11.45),
              ({"gradient_checkpointing": True, "base_weights": "fp8"}, 5.81)],
 }
@@ -80,8 +85,11 @@ def test_the_plan_predicts_every_measured_row_within_15_percent(family, real_sha
         pytest.skip(f"{family} needs newer diffusers/transformers")
     backbone = real_shapes[family]
     for options, measured in MEASURED[family]:
+        options = dict(options)
+        cap = options.pop("vram_gib", None)  # a capped run's text encoder encodes layer by layer where it must
         config = bench_config(family, **options)
-        predicted = estimate(backbone.memory_parts(config), config, images=8).peak / GIB
+        budget = None if cap is None else int(cap * GIB - plan.RESERVE)
+        predicted = estimate(backbone.memory_parts(config), config, images=8, budget=budget).peak / GIB
         assert abs(predicted - measured) <= 0.15 * measured, (options, predicted, measured)
 
 
@@ -112,6 +120,15 @@ def test_memory_auto_turns_on_the_fewest_levers_that_fit(real_shapes):
     # a lever set by the user stays on, fp8 comes once streaming every block is not enough
     fitted, _, _ = fit(bench_config("flux1", base_weights="fp8"), parts_of(config), 8, int(12 * GIB))
     assert fitted.base_weights == "fp8" and fitted.gradient_checkpointing
+
+
+def test_memory_auto_chooses_what_it_chose_on_the_gpu_under_each_cap(real_shapes):
+    # the H200 runs of `bench train --family flux1 --memory-auto --vram-gib 12` (and 8) reported 12.0 (8.0) GiB free
+    config = bench_config("flux1")
+    parts = real_shapes["flux1"].memory_parts(config)
+    for cap, blocks in ((12, 41), (8, 52)):
+        fitted, _, _ = fit(config, parts, 8, int(cap * GIB - plan.RESERVE))
+        assert (fitted.gradient_checkpointing, fitted.base_weights, fitted.stream_blocks) == (True, "auto", blocks)
 
 
 def test_flux_fits_an_8_gb_card_with_every_block_streamed_and_t5_encoding_layer_by_layer(real_shapes):
