@@ -270,12 +270,17 @@ class DiffusionBackbone:
         (quantized), the text encoders (while training, if they train) and the autoencoder."""
         trains_text = config.train_text_encoder or bool(config.init_lora)
         encoders = [] if trains_text else list(self.text_encoders)
+        # the text encoders stay on the GPU while training where they train, encode each step's captions or sample
+        # the previews' prompts (`prepare`); those that do not train are held in fp32
+        stays = trains_text or config.shuffle_captions or config.caption_dropout > 0 or \
+            (bool(config.sample_prompts) and self.can_sample)
         latent = config.resolution // 8
         return MemoryParts(family=self.family, network=self.unet, targets=self.unet_lora_targets(config.lora_targets),
                            blocks=[*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks],
                            encoders=[*encoders, self.vae], tokens=latent * latent,
                            latent_bytes=2 * self.unet.config.in_channels * latent * latent,
-                           extra=list(self.text_encoders) if trains_text else [], host=self.shares_unet,
+                           extra=list(self.text_encoders) if stays else [], host=self.shares_unet,
+                           extra_dtype=None if trains_text else torch.float32,
                            resident=self.shares_unet and next(self.unet.parameters()).device.type == "cuda")
 
     shares_unet = False  # a host's UNet: already on its GPU
@@ -331,11 +336,8 @@ class DiffusionBackbone:
         for encoder in self.text_encoders:
             encoder.requires_grad_(False)
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
-        self.unet.requires_grad_(False)
-        hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
-                  dtype, what="UNet", fp8_compute=config.fp8_compute == "on")
-        _place(self.unet, device, dtype)
-        # text conditioning: cached once unless captions change per step or the text encoder trains
+        # text conditioning: cached once unless captions change per step or the text encoder trains; before the UNet
+        # goes to the GPU, so that the text encoders (SDXL's: 3 GB in fp32) and the UNet are never there together
         run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]
         text_cache: dict[str, dict[str, torch.Tensor]] = {}
         if not run["varying"]:
@@ -345,6 +347,10 @@ class DiffusionBackbone:
             if not config.sample_prompts or not self.can_sample:
                 self.offload_encoders()
         run["text_cache"] = text_cache
+        self.unet.requires_grad_(False)
+        hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
+                  dtype, what="UNet", fp8_compute=config.fp8_compute == "on")
+        _place(self.unet, device, dtype)
         return [(entry.bucket, entry.item.repeats * config.repeats) for entry in cache]
 
     def settle(self, config: TrainConfig) -> TrainConfig:

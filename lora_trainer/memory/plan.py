@@ -48,7 +48,8 @@ class MemoryParts:
     encoders: list[torch.nn.Module]  # on the GPU one at a time while the inputs are cached
     tokens: int  # image tokens (SD: latent pixels) plus text tokens of one example
     latent_bytes: int  # one cached image's latents on the GPU
-    extra: list[torch.nn.Module] = field(default_factory=list)  # also on the GPU while training (text encoders that train)
+    extra: list[torch.nn.Module] = field(default_factory=list)  # also on the GPU while training (SD's text encoders)
+    extra_dtype: torch.dtype | None = None  # the dtype `extra` is held in there (None: as it is now)
     streams: bool = False  # whether stream_blocks applies
     resident: bool = False  # the network already sits on the GPU (a host's model): its weights cost nothing new
     host: bool = False  # a host's model: trained as the host holds it (no fp8, no streaming)
@@ -140,7 +141,9 @@ def estimate(parts: MemoryParts, config: TrainConfig, images: int, dtype: torch.
         weights, held = parts.sums[how, dtype]
         streamed = [held[i] for i in picked(len(held), config.stream_blocks)] if parts.streams else []
         weights += sum(held) - sum(streamed) + (2 * max(streamed) if streamed else 0)
-        weights += sum(_bytes(module.parameters()) for module in parts.extra)
+        size = None if parts.extra_dtype is None else torch.empty((), dtype=parts.extra_dtype).element_size()
+        weights += sum(_bytes(module.parameters()) if size is None else size * sum(p.numel() for p in module.parameters())
+                       for module in parts.extra)
     if "lora" not in parts.sums:  # the LoRA's input and output sizes, whatever its rank
         sizes = [parts.network.get_submodule(name).weight.shape for name in parts.targets]
         parts.sums["lora"] = sum(shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) + shape[0]
