@@ -52,6 +52,13 @@ class HostBackbone(DiffusionBackbone):
                    image_encoder=encode_images, prompt_encoder=encode_prompts, release=release,
                    image_decoder=decode_images, encoder_id=encoder_id)
 
+    @classmethod
+    def for_plan(cls, unet_state_dict: dict[str, torch.Tensor], family: str) -> HostBackbone:
+        """A host's loaded UNet (its tensors shared, or as meta tensors) for the memory plan only: no encoders, and
+        SDXL's pooled text size, which only sets a small embedding's shape, taken as the base model's 1280."""
+        return cls.from_ldm_unet(unet_state_dict, family, encode_images=None, encode_prompts=None,
+                                 pooled_dim=1280 if family == "sdxl" else None)
+
     def prepare(self, config, data, accelerator, bus):
         """As for a file, once `base_weights: fp8` or `nf4` is refused: the host's weights stay where the host keeps
         them, so a quantized copy would add to the memory it is meant to save."""

@@ -270,20 +270,21 @@ class DiffusionBackbone:
         (quantized), the text encoders (while training, if they train) and the autoencoder."""
         trains_text = config.train_text_encoder or bool(config.init_lora)
         encoders = [] if trains_text else list(self.text_encoders)
-        # the text encoders stay on the GPU while training where they train, encode each step's captions or sample
-        # the previews' prompts (`prepare`); those that do not train are held in fp32
-        stays = trains_text or config.shuffle_captions or config.caption_dropout > 0 or \
-            (bool(config.sample_prompts) and self.can_sample)
         latent = config.resolution // 8
         return MemoryParts(family=self.family, network=self.unet, targets=self.unet_lora_targets(config.lora_targets),
                            blocks=[*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks],
                            encoders=[*encoders, self.vae], tokens=latent * latent,
                            latent_bytes=2 * self.unet.config.in_channels * latent * latent,
-                           extra=list(self.text_encoders) if stays else [], host=self.shares_unet,
-                           extra_dtype=None if trains_text else torch.float32,
+                           extra=list(self.text_encoders) if self._encoders_stay(config, trains_text) else [],
+                           extra_dtype=None if trains_text else torch.float32, host=self.shares_unet,
                            resident=self.shares_unet and next(self.unet.parameters()).device.type == "cuda")
 
     shares_unet = False  # a host's UNet: already on its GPU
+
+    def _encoders_stay(self, config: TrainConfig, trains_text: bool) -> bool:
+        """Whether the text encoders stay on the GPU while training (`prepare`): they train, or encode each step's
+        changing captions, or the previews' prompts. Those that do not train are held there in fp32."""
+        return _captions_vary(config, trains_text) or (bool(config.sample_prompts) and self.can_sample)
 
     def unet_lora_targets(self, kind: str) -> list[str]:
         """Full names of the UNet modules a LoRA of `kind` wraps (attention, attention_ff, locon)."""
@@ -338,14 +339,14 @@ class DiffusionBackbone:
             _place(encoder, device, dtype if config.train_text_encoder else torch.float32)
         # text conditioning: cached once unless captions change per step or the text encoder trains; before the UNet
         # goes to the GPU, so that the text encoders (SDXL's: 3 GB in fp32) and the UNet are never there together
-        run["varying"] = config.shuffle_captions or config.caption_dropout > 0 or run["te_train"]
+        run["varying"] = _captions_vary(config, run["te_train"])
         text_cache: dict[str, dict[str, torch.Tensor]] = {}
         if not run["varying"]:
             with torch.no_grad():
                 for caption in sorted({entry.item.caption for entry in cache}):
                     text_cache[caption] = {k: v[0] for k, v in self.encode_prompts([caption]).items()}
-            if not config.sample_prompts or not self.can_sample:
-                self.offload_encoders()
+        if not self._encoders_stay(config, run["te_train"]):
+            self.offload_encoders()
         run["text_cache"] = text_cache
         self.unet.requires_grad_(False)
         hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
@@ -670,6 +671,11 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """
     alphas = alphas_cumprod.to(timesteps.device)[timesteps].float()
     return alphas / (1 - alphas)
+
+
+def _captions_vary(config: TrainConfig, trains_text: bool) -> bool:
+    """Whether captions are encoded at every step (they change, or the text encoder trains) rather than once."""
+    return config.shuffle_captions or config.caption_dropout > 0 or trains_text
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

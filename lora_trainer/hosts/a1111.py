@@ -184,12 +184,9 @@ class WebUIHost:
             raise HostError("No model is loaded: pick one in the WebUI's checkpoint list first.")
         objects = getattr(sd_model, "forge_objects", None)
         unet = objects.unet.model.diffusion_model if objects is not None else sd_model.model.diffusion_model
-        family = _family(sd_model)
-        # SDXL's pooled text size only sets a small embedding's shape: the base model's 1280 for the plan
-        backbone = HostBackbone.from_ldm_unet(unet.state_dict(), family, encode_images=None, encode_prompts=None,
-                                              pooled_dim=1280 if family == "sdxl" else None)
         device = devices.device if isinstance(devices.device, torch.device) else torch.device(devices.device)
-        return memory_report(config, free_memory(device) if device.type == "cuda" else None, backbone)
+        return memory_report(config, free_memory(device) if device.type == "cuda" else None,
+                             HostBackbone.for_plan(unet.state_dict(), _family(sd_model)))
 
     def run(self, config: TrainConfig, listeners: list[Listener], cancel: CancelToken, job_id: str = ""):
         from modules import call_queue, progress, shared

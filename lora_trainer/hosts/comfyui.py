@@ -283,11 +283,8 @@ def _plan_backbone(model):
     copied or moved, the MODEL is untouched), no encoders."""
     from lora_trainer.backbones.host import HostBackbone
 
-    family = model_family(model)
     shapes = {k: torch.empty_like(v, device="meta") for k, v in model.model.diffusion_model.state_dict().items()}
-    # SDXL's pooled text size only sets a small embedding's shape: 1280 in every SDXL model_family accepts
-    return HostBackbone.from_ldm_unet(shapes, family, encode_images=None, encode_prompts=None,
-                                      pooled_dim=1280 if family == "sdxl" else None)
+    return HostBackbone.for_plan(shapes, model_family(model))
 
 
 def _free_for_training() -> int | None:

@@ -52,8 +52,8 @@ def with_fp8_compute(config: TrainConfig, device: torch.device) -> TrainConfig:
     if not (hasattr(torch, "_scaled_mm") and hasattr(torch.library, "custom_op")):
         raise ConfigError(f"fp8_compute needs torch 2.4 or newer (this is {torch.__version__}). Update torch, or set "
                           "fp8_compute: off.")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
+        major, minor = capability
         raise ConfigError(f"fp8_compute needs a GPU with fp8 tensor cores (RTX 40xx or 50xx, Ada, Hopper, Blackwell: "
                           f"compute capability 8.9 or later); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
                           "Set fp8_compute: off (base_weights: fp8 still halves the base's memory).")
