@@ -41,4 +41,29 @@ class EventBus:
 
 
 class CancelToken(threading.Event):
-    """Set it (from any thread) and the run saves a resumable state and stops after the current step."""
+    """Set it (from any thread) and the run saves a resumable state and stops after the current step.
+
+    It also carries what a user asks of a running job from another thread (`ask`), which the run answers between two
+    steps (`take`): 'save' (a checkpoint and its LoRA now) and 'sample' (previews now, of the prompts given, else the
+    run's sample prompts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._asked: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def ask(self, what: str, value: Any = None) -> None:
+        """Ask the run for `what` ('save' or 'sample'; for 'sample', `value` is a list of prompts or None)."""
+        if what not in ("save", "sample"):
+            raise ValueError(f"A run can be asked to save or sample, not {what!r}.")
+        with self._lock:
+            self._asked[what] = value
+
+    def take(self, what: str) -> Any:
+        """What was asked for `what` since the last take, and forget it: None when nothing was (a 'sample' asked
+        without prompts gives [])."""
+        with self._lock:
+            if what not in self._asked:
+                return None
+            value = self._asked.pop(what)
+        return [] if value is None and what == "sample" else value if value is not None else True

@@ -190,6 +190,10 @@ class CausalLMBackbone:
         if config.base_weights in ("fp8", "nf4"):
             raise ConfigError(f"base_weights: {config.base_weights} is for image models; a language model's base is made smaller with "
                               "load_in_4bit: true. Set base_weights: auto.")
+        if config.validation_dir or config.use_best:
+            raise ConfigError("validation_dir and use_best are for image LoRAs; a language model holds out "
+                              "validation_split of its examples, and the result names its best checkpoint folder. Set "
+                              "validation_dir: '' and use_best: false.")
         if config.stream_blocks:
             raise ConfigError("stream_blocks is for the diffusion transformers (Flux.1, Z-Image, klein); a language model "
                               "is made smaller with load_in_4bit: true and gradient_checkpointing. Set stream_blocks: 0.")
@@ -267,11 +271,12 @@ class CausalLMBackbone:
                        labels=inputs["labels"], use_cache=False).loss
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out perplexity ({} without held-out examples)."""
+        """Held-out perplexity and its validation loss, the mean negative log-likelihood ({} without held-out
+        examples)."""
         run = self.run
         value = perplexity(self.model, run["data"].held_out, max(1, run["config"].batch_size), self.pad_id,
                            run["device"], run["accelerator"].autocast)
-        return {} if value is None else {"perplexity": value}
+        return {} if value is None else {"perplexity": value, "validation_loss": math.log(value)}
 
     @property
     def can_sample(self) -> bool:

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from lora_trainer.backbones import weights_identity
+from lora_trainer.backbones.validation import validation_loss
 from lora_trainer.config import TrainConfig
-from lora_trainer.data import DatasetScan, scan_dataset, tag_frequency
+from lora_trainer.data import DatasetScan, scan_images, tag_frequency
 from lora_trainer.data.cache import assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
@@ -134,8 +135,7 @@ class FlowBackbone:
         if config.shuffle_captions:
             raise ConfigError("shuffle_captions would need the large text encoder at every step; this family's caption "
                               "encodings are computed once and cached. Set shuffle_captions: false (caption_dropout works).")
-        return scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
-                            missing_caption=config.missing_caption, trigger_word=config.trigger_word, default_repeats=1)
+        return scan_images(config)
 
     def prepare(self, config: TrainConfig, data: DatasetScan, accelerator, bus) -> list[tuple[Hashable, int]]:
         """Encode every image and every caption once, then send the encoders away: only the transformer stays."""
@@ -180,7 +180,8 @@ class FlowBackbone:
         # a cast copies every weight: only when some differ (a file may mix dtypes: fp8 or NF4 blocks, fp32 rest)
         mixed = any(p.dtype != dtype for p in self.transformer.parameters() if p.is_floating_point())
         self.transformer.to(device, dtype) if mixed else self.transformer.to(device)
-        return [(self.group(entry), entry.item.repeats * config.repeats) for entry in cache]
+        return [(self.group(entry), 0 if entry.item.held_out else entry.item.repeats * config.repeats)
+                for entry in cache]
 
     def _encode_once(self, texts: list[str], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
         """Each text's conditioning, computed with the encoders on the device, which then leave it. An encoder too
@@ -280,16 +281,19 @@ class FlowBackbone:
         """The memory levers' reasons (`memory.capture_blockers`)."""
         return capture_blockers(config.base_weights, self.run["checkpointing_captured"])
 
-    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator,
+              times: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), captions (dropped by draws from `gen`), noise and times (from
-        `device_gen`), the noised latents and the velocity target."""
+        `device_gen`), the noised latents and the velocity target. A validation batch gives `times` (quantiles of the
+        training's time distribution, per example) and is neither mirrored nor has captions dropped."""
         run, config = self.run, self.run["config"]
         cache, device, dtype = run["cache"], run["device"], run["dtype"]
-        flips = torch.rand(len(indices), generator=gen) < 0.5
+        augment = times is None
+        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if augment else [False] * len(indices)
         latents = torch.stack([cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
-                               for i, flip in zip(indices, flips.tolist())])
+                               for i, flip in zip(indices, flips)])
         captions = [cache[i].item.caption for i in indices]
-        if config.caption_dropout:
+        if config.caption_dropout and augment:
             dropped = (torch.rand(len(indices), generator=gen) < config.caption_dropout).tolist()
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
         texts = run["text_cache"]
@@ -298,7 +302,7 @@ class FlowBackbone:
         if config.noise_offset:
             noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=device_gen,
                                                               device=device, dtype=dtype)
-        sigmas = self.sample_times(len(indices), latents.shape[-2:], device_gen, device)
+        sigmas = self.sample_times(len(indices), latents.shape[-2:], device_gen, device, times)
         s = sigmas.view(-1, 1, 1, 1).to(dtype)
         inputs = {"noisy": (1 - s) * latents + s * noise, "sigmas": sigmas, "target": noise - latents,
                   **{f"cond_{k}": v for k, v in cond.items()}}
@@ -309,13 +313,17 @@ class FlowBackbone:
         return inputs
 
     def sample_times(self, count: int, latent_size: tuple[int, int], device_gen: torch.Generator,
-                     device: torch.device) -> torch.Tensor:
-        """Times t in (0, 1) per example, as `timestep_sampling` says (the family's preset picks one)."""
+                     device: torch.device, quantiles: torch.Tensor | None = None) -> torch.Tensor:
+        """Times t in (0, 1) per example, as `timestep_sampling` says (the family's preset picks one): drawn, or at
+        the given `quantiles` of that distribution (validation)."""
         config = self.run["config"]
         how = config.timestep_sampling
+        uniform = torch.rand(count, generator=device_gen, device=device) if quantiles is None else quantiles.to(device)
         if how == "uniform":
-            return torch.rand(count, generator=device_gen, device=device)
-        t = torch.sigmoid(config.sigmoid_scale * torch.randn(count, generator=device_gen, device=device))
+            return uniform
+        normal = torch.randn(count, generator=device_gen, device=device) if quantiles is None else \
+            math.sqrt(2) * torch.erfinv(2 * uniform.float() - 1)
+        t = torch.sigmoid(config.sigmoid_scale * normal)
         if how == "shift":
             return time_shift(t, "static", config.discrete_flow_shift)
         if how == "resolution_shift":
@@ -344,8 +352,8 @@ class FlowBackbone:
             self.run["stream"].reset()
 
     def evaluate(self) -> dict[str, float]:
-        """No held-out measure for images yet."""
-        return {}
+        """The validation loss of the LoRA as it is now ({} without held-out images)."""
+        return validation_loss(self)
 
     @property
     def can_sample(self) -> bool:
@@ -436,7 +444,7 @@ class FlowBackbone:
     def _write_lora(self, path: Path, config: TrainConfig, meta: dict) -> Path:
         run = self.run
         tensors = self.to_file(lora_state(self.transformer), config.lora_alpha, config.save_dtype)
-        info = {**meta, "scan": run["scan"], "tags": tag_frequency(run["scan"].items), "buckets": run["buckets"],
+        info = {**meta, "scan": run["scan"], "tags": tag_frequency(run["scan"].training), "buckets": run["buckets"],
                 "model_name": self.name, "finished_at": time.time(), "variant": self.variant}
         return save_lora_file(path, tensors, kohya_metadata(config, self.family, info))
 

@@ -8,6 +8,7 @@ previews, and the export as a kohya LoRA file that every host reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,8 +26,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from lora_trainer.backbones import ldm, weights_identity
 from lora_trainer.backbones.checkpoint import UNET_PREFIX, checkpoint_keys, detect_family, read_checkpoint
 from lora_trainer.backbones.tokenizer import clip_tokenizer
+from lora_trainer.backbones.validation import validation_loss
 from lora_trainer.config import TrainConfig
-from lora_trainer.data import DatasetScan, process_caption, scan_dataset, tag_frequency
+from lora_trainer.data import DatasetScan, process_caption, scan_images, tag_frequency
 from lora_trainer.data.cache import assign_buckets, encode_dataset
 from lora_trainer.errors import CheckpointError, ConfigError
 from lora_trainer.lora.inject import add_lora, fill_lora, keep_lora_input_dtype, load_lora_state, lora_state
@@ -122,8 +124,7 @@ class DiffusionBackbone:
             raise ConfigError("timestep_sampling and loss_weighting are for the flow-matching families (Flux.1, Z-Image, "
                               "klein); SD models draw timesteps uniformly and weight the loss with min_snr_gamma. "
                               "Leave them at their defaults.")
-        return scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
-                            missing_caption=config.missing_caption, trigger_word=config.trigger_word, default_repeats=1)
+        return scan_images(config)
 
     @classmethod
     def load(cls, config: TrainConfig, data: DatasetScan) -> DiffusionBackbone:
@@ -352,7 +353,7 @@ class DiffusionBackbone:
         hold_base([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks], config.base_weights, device,
                   dtype, what="UNet", fp8_compute=config.fp8_compute == "on")
         _place(self.unet, device, dtype)
-        return [(entry.bucket, entry.item.repeats * config.repeats) for entry in cache]
+        return [(entry.bucket, 0 if entry.item.held_out else entry.item.repeats * config.repeats) for entry in cache]
 
     def settle(self, config: TrainConfig) -> TrainConfig:
         """The config with what this model decided: its prediction type and noise schedule (for the metadata)."""
@@ -402,30 +403,41 @@ class DiffusionBackbone:
         """The whole network through torch.compile."""
         return torch.compile(network)
 
+    def uncompiled(self):
+        """A context for running the network outside the training step: the compiled wrapper is the step's alone."""
+        return contextlib.nullcontext()
+
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Text-encoder training runs outside the captured step; so do some memory levers (`memory.capture_blockers`)."""
         return (["text-encoder training"] if self.run["te_train"] else []) + \
             capture_blockers(config.base_weights, self.run["checkpointing_captured"])
 
-    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator,
+              times: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Latents (mirrored by coin flips from `gen`), noise and timesteps (from `device_gen`), the noised latents,
-        the target, the text conditioning and SDXL's size conditioning."""
+        the target, the text conditioning and SDXL's size conditioning. A validation batch gives `times` (in [0, 1),
+        a share of the timestep range per example) and is neither mirrored nor has its captions changed."""
         run, config = self.run, self.run["config"]
         cache, device, dtype = run["cache"], run["device"], run["dtype"]
-        flips = torch.rand(len(indices), generator=gen) < 0.5
+        augment = times is None
+        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if augment else [False] * len(indices)
         latents = torch.stack([cache[i].latents_flipped if config.flip_aug and flip else cache[i].latents
-                               for i, flip in zip(indices, flips.tolist())])
+                               for i, flip in zip(indices, flips)])
         captions = [cache[i].item.caption for i in indices]
         noise = torch.randn(latents.shape, generator=device_gen, device=device, dtype=dtype)
         if config.noise_offset:
             noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=device_gen,
                                                               device=device, dtype=dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(indices),),
-                                  generator=device_gen, device=device)
-        if run["varying"]:
+        count = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, count, (len(indices),), generator=device_gen, device=device) if augment else \
+            (times * count).long().clamp(max=count - 1).to(device)
+        if run["varying"] and augment:
             captions = [process_caption(c, shuffle=config.shuffle_captions, keep_tokens=config.keep_tokens,
                                         dropout=config.caption_dropout, generator=gen) for c in captions]
             with torch.set_grad_enabled(run["te_train"]), run["accelerator"].autocast():
+                cond = self.encode_prompts(captions)
+        elif run["varying"]:
+            with torch.no_grad(), run["accelerator"].autocast():
                 cond = self.encode_prompts(captions)
         else:
             cond = {k: torch.stack([run["text_cache"][c][k] for c in captions]) for k in run["text_cache"][captions[0]]}
@@ -449,8 +461,8 @@ class DiffusionBackbone:
         return loss.mean()
 
     def evaluate(self) -> dict[str, float]:
-        """No held-out measure for images yet."""
-        return {}
+        """The validation loss of the LoRA as it is now ({} without held-out images)."""
+        return validation_loss(self)
 
     @property
     def can_sample(self) -> bool:
@@ -513,7 +525,7 @@ class DiffusionBackbone:
         tensors = to_kohya(lora_state(modules[0]), [lora_state(m) for m in modules[1:]], self.family,
                            config.lora_alpha, config.save_dtype)
         run = self.run
-        info = {**meta, "scan": run["scan"], "tags": tag_frequency(run["scan"].items), "buckets": run["buckets"],
+        info = {**meta, "scan": run["scan"], "tags": tag_frequency(run["scan"].training), "buckets": run["buckets"],
                 "model_name": self.name, "finished_at": time.time()}
         return save_lora_file(path, tensors, kohya_metadata(config, self.family, info))
 

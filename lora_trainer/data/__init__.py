@@ -9,6 +9,7 @@ from lora_trainer.data.images import (
     ImageItem,
     load_image,
     scan_dataset,
+    scan_images,
     to_rgb,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "process_caption",
     "resize_and_crop",
     "scan_dataset",
+    "scan_images",
     "split_tags",
     "tag_frequency",
     "to_rgb",

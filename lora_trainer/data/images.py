@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import random
 import re
 import struct
 from collections.abc import Iterator
@@ -46,13 +47,15 @@ _DECODE_ERRORS = (
 
 @dataclass
 class ImageItem:
-    """One usable training image: its caption, repeat count and size after EXIF rotation."""
+    """One usable training image: its caption, repeat count and size after EXIF rotation; `held_out` images are
+    never trained on, only measured (the validation set)."""
 
     path: Path
     caption: str
     repeats: int
     width: int
     height: int
+    held_out: bool = False
 
 
 @dataclass
@@ -64,13 +67,20 @@ class DatasetScan:
     converted: list[tuple[Path, str]] = field(default_factory=list)
     uncaptioned: list[Path] = field(default_factory=list)
 
+    @property
+    def training(self) -> list[ImageItem]:
+        """The items that train (all but the held-out ones)."""
+        return [item for item in self.items if not item.held_out]
+
     def summary(self) -> str:
         """A few readable lines: counts, then the first skipped files with their reasons."""
-        steps = sum(item.repeats for item in self.items)
+        steps = sum(item.repeats for item in self.items if not item.held_out)
+        held = sum(item.held_out for item in self.items)
         lines = [
             (
-                f"{len(self.items)} usable images ({steps} per epoch with repeats), "
-                f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
+                f"{len(self.items) - held} usable images ({steps} per epoch with repeats), "
+                + (f"{held} held out for validation, " if held else "")
+                + f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
                 f"{len(self.uncaptioned)} without caption"
             )
         ]
@@ -194,6 +204,40 @@ def scan_dataset(
     if scan.uncaptioned:
         logger.warning("%d images have no caption and train on %r", len(scan.uncaptioned), fallback)
     logger.info("Scanned %s: %s", root, scan.summary().splitlines()[0])
+    return scan
+
+
+def scan_images(config) -> DatasetScan:
+    """The training images of a TrainConfig and its validation images, in one scan: `validation_dir`'s images
+    appended, or a seeded `validation_split` share of the training folder's, marked `held_out` (at least one when
+    the share is above 0, never all). Raises DatasetError for a folder that gives nothing, or that gives both."""
+    scan = scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
+                        missing_caption=config.missing_caption, trigger_word=config.trigger_word, default_repeats=1)
+    if config.validation_dir.strip():
+        if Path(config.validation_dir).expanduser().absolute() == Path(config.train_data_dir).expanduser().absolute():
+            raise DatasetError(f"validation_dir is the training folder ({config.validation_dir}): validation images must "
+                               "be ones the LoRA never trains on. Use another folder, or validation_split.")
+        held = scan_dataset(config.validation_dir, caption_extension=config.caption_extension,
+                            missing_caption=config.missing_caption, trigger_word=config.trigger_word)
+        training = {item.path.resolve() for item in scan.items}
+        both = [item.path for item in held.items if item.path.resolve() in training]
+        if both:
+            raise DatasetError(f"validation_dir {config.validation_dir} lies inside the training folder: {both[0]} would "
+                               "be trained on and measured. Move the validation images out of the training folder.")
+        for item in held.items:
+            item.held_out, item.repeats = True, 1
+        scan.items += held.items
+        scan.skipped += held.skipped
+        scan.converted += held.converted
+        scan.uncaptioned += held.uncaptioned
+    elif config.validation_split:
+        if len(scan.items) < 2:
+            raise DatasetError(f"validation_split {config.validation_split:g} needs at least 2 images (one to train on, "
+                               f"one to hold out); {config.train_data_dir} has {len(scan.items)}. Add images, give a "
+                               "validation_dir, or set validation_split: 0.")
+        count = min(max(round(len(scan.items) * config.validation_split), 1), len(scan.items) - 1)
+        for index in random.Random(config.seed).sample(range(len(scan.items)), count):
+            scan.items[index].held_out = True
     return scan
 
 

@@ -34,6 +34,7 @@ class ProgressBar:
         self.phase = None
         self.enabled = enabled
         self.stopped_checkpoint: str | None = None  # where a Ctrl-C saved the steps done
+        self.validation: float | None = None  # the last validation loss, shown beside the training loss
 
     def __call__(self, event: Event) -> None:
         """Update the bar from one event."""
@@ -56,7 +57,10 @@ class ProgressBar:
             if phase != "training" and event.step >= event.total:
                 self.close()  # caching or captioning is done: its time and rate stop here
         elif event.kind == "loss" and self.bar is not None:
-            self.bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
+            shown = {"loss": f"{event.data['loss']:.4f}", "lr": f"{event.data['lr']:.2e}"}
+            if self.validation is not None:
+                shown["val"] = f"{self.validation:.4f}"
+            self.bar.set_postfix(**shown)
         elif event.kind == "saved":
             self._write(f"saved {event.data['path']}")
             if event.data.get("what") == "interrupted":
@@ -64,7 +68,12 @@ class ProgressBar:
         elif event.kind == "sample":
             self._write(f"sample {event.data['path']}")
         elif event.kind == "eval":
-            self._write(f"held-out perplexity {event.data['when']} training: {event.data['perplexity']:.3f}")
+            self.validation = event.data.get("validation_loss", self.validation)
+            measures = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in event.data.items()
+                                 if name != "when")
+            self._write(f"step {event.step}: held-out {measures}")
+        elif event.kind == "warning":
+            self._write(f"warning: {event.data['message']}")
         elif event.kind == "start":  # the skipped files were logged one by one already
             self._write("\n".join(line for line in event.data["data_summary"].splitlines()
                                    if not line.startswith(("  skipped ", "  ... and "))))
@@ -138,6 +147,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")
         return 0
     print(f"LoRA written: {result.lora_file}")
+    if result.stopped_early:
+        print(f"Stopped early at step {result.steps} of {result.total_steps}: the validation loss had stopped improving.")
+    if result.best is not None:
+        best_step, value, best_file = result.best
+        if result.last_file is not None:
+            print(f"Best LoRA (use_best): step {best_step}, validation loss {value:.4f}, is {best_file.name}; the last "
+                  f"step's is {result.last_file.name}.")
+        else:
+            print(f"Best LoRA: step {best_step}, validation loss {value:.4f}: {best_file}")
     print(f"Use it as <lora:{result.lora_file.stem}:0.8> (copy it into your WebUI's models/Lora or ComfyUI's models/loras).")
     print(f"Loss curve: tensorboard --logdir {result.output_dir / 'logs'}")
     return 0

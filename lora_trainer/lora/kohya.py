@@ -46,11 +46,13 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
     step, epoch = meta["step"], meta["epoch"]
     scan = meta["scan"]
     dirs: dict[str, dict[str, int]] = {}
-    for item in scan.items:
+    for item in scan.training:
         entry = dirs.setdefault(item.path.parent.name, {"n_repeats": item.repeats * config.repeats, "img_count": 0})
         entry["img_count"] += 1
     bucket_counts: dict[str, int] = {}
-    for bucket in meta["buckets"]:
+    for item, bucket in zip(scan.items, meta["buckets"]):
+        if item.held_out:
+            continue
         bucket_counts[f"{bucket[0]}x{bucket[1]}"] = bucket_counts.get(f"{bucket[0]}x{bucket[1]}", 0) + 1
     arch = ARCHITECTURE[family]
     if family == "sd2" and config.prediction_type == "epsilon":
@@ -82,7 +84,7 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
         "ss_tag_frequency": json.dumps(meta["tags"]),
         "ss_dataset_dirs": json.dumps(dirs),
         "ss_bucket_info": json.dumps({"buckets": bucket_counts, "enable_bucket": config.enable_buckets}),
-        "ss_num_train_images": str(sum(item.repeats * config.repeats for item in scan.items)),
+        "ss_num_train_images": str(sum(item.repeats * config.repeats for item in scan.training)),
         "ss_steps": str(step),
         "ss_max_train_steps": str(meta["total_steps"]),
         "ss_epoch": str(epoch),
@@ -117,7 +119,20 @@ def kohya_metadata(config, family: str, meta: dict) -> dict[str, str]:
         **({} if flow else {"modelspec.prediction_type": "v" if config.prediction_type == "v_prediction" else "epsilon"}),
         "modelspec.trigger_phrase": config.trigger_word,
         **flow,
+        **validation_metadata(meta),
     }
+
+
+VALIDATION_LOSS = "lora_trainer_validation_loss"  # our own key: the validation loss of the LoRA in the file
+VALIDATION_IMAGES = "lora_trainer_validation_images"  # how many held-out images it was measured on
+
+
+def validation_metadata(meta: dict) -> dict[str, str]:
+    """The validation keys of a saved LoRA whose run measured one (`meta['validation_loss']`), else none."""
+    if meta.get("validation_loss") is None:
+        return {}
+    return {VALIDATION_LOSS: repr(float(meta["validation_loss"])),
+            VALIDATION_IMAGES: str(sum(item.held_out for item in meta["scan"].items))}
 
 
 def kohya_module_name(prefix: str, module: str) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from lora_trainer.atomic import replaced_atomically
 from lora_trainer.backbones import backbone_class
 from lora_trainer.config import TrainConfig, resolve, to_yaml
 from lora_trainer.errors import ConfigError, TrainingError
@@ -49,6 +51,11 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # held-out measures before/after (language models: perplexity)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss) of every evaluation
+    saved: list[tuple[int, float | None, Path]] = field(default_factory=list)  # (step, validation loss, LoRA) per save
+    best: tuple[int, float, Path] | None = None  # the saved LoRA of the lowest validation loss
+    last_file: Path | None = None  # with use_best: the last step's LoRA, when the best one took the LoRA's name
+    stopped_early: bool = False  # early_stop ended the run at `steps`, before `total_steps`
 
 
 def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listener, ...] = (),
@@ -106,6 +113,14 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     if planned is not None:
         result.metrics["planned_peak_gib"] = round(planned.peak / 2**30, 2)
     meta = {"started_at": started_at, "total_steps": total_steps}
+    watch = Overfitting(config.early_stop_patience)
+    if resume:
+        result.saved = [(s, v, Path(f)) for s, v, f in restored.get("validation", [])]
+        for saved_step, value, _ in result.saved:
+            if value is not None:
+                watch.add(saved_step, value, None)
+    measured: dict[int, float] = {}  # step -> validation loss, for the LoRA saved at that step
+    last_eval: list = [None, {}]  # the step of the last evaluation and its measures
 
     def save(what: str) -> Path | None:
         """A resumable checkpoint plus a usable LoRA of this step (main process only); the LoRA's path.
@@ -115,37 +130,65 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         # a Ctrl-C between the batches of one accumulated step resumes at that step's first batch
         done = min(step * accumulation, len(plan))
         epoch = plan[min(done, len(plan) - 1)][0] + (1 if done >= len(plan) else 0)
+        value = measured.get(step)
+        scored = [(s, v) for s, v, _ in result.saved if v is not None] + ([(step, value)] if value is not None else [])
+        best = min(scored, key=lambda entry: entry[1])[0] if scored else None
         folder, lora_path = checkpoints.save(out_dir, config, backbone, step_fn.optimizer, step_fn.scheduler,
                                              micro=done, step=step, epoch=epoch, kind=what,
-                                             meta={**meta, "step": step, "epoch": epoch})
+                                             meta={**meta, "step": step, "epoch": epoch, "validation_loss": value},
+                                             keep_step=best, validation=[(s, v, str(f)) for s, v, f in result.saved])
         outputs = {}
         if what == "final":
-            outputs = backbone.export(out_dir / config.output_name, config, {**meta, "step": step, "epoch": epochs})
+            outputs = backbone.export(out_dir / config.output_name, config,
+                                      {**meta, "step": step, "epoch": epochs, "validation_loss": value})
             lora_path = outputs.pop("final")
-        bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=what)
+        if lora_path is not None and what != "interrupted":
+            result.saved.append((step, value, lora_path))
+        bus.emit("saved", step, total_steps, path=str(lora_path), checkpoint=str(folder), what=what,
+                 validation_loss=value)
         for other, path in outputs.items():  # e.g. a language model merged with its LoRA
             result.metrics[f"{other}_model"] = str(path)
             bus.emit("saved", step, total_steps, path=str(path), what=other)
         return lora_path
 
-    def evaluate(when: str) -> None:
-        """The backbone's held-out measures, into the result, the events, the log and TensorBoard."""
-        for name, value in backbone.evaluate().items():
-            result.metrics[f"{name}_{when}"] = value
-            bus.emit("eval", step, total_steps, when=when, **{name: value})
-            log.info("Held-out %s %s: %.3f", name, when, value)
+    def evaluate(when: str, training_loss: float | None = None) -> bool:
+        """The backbone's held-out measures, into the result, the events, the log and TensorBoard; True when the run
+        is overfitting (`training_loss`: the mean since the last evaluation) and early_stop is on."""
+        values = backbone.evaluate()
+        last_eval[:] = [step, values]
+        if not values:
+            return False
+        if when != "step":
+            result.metrics.update({f"{name}_{when}": value for name, value in values.items()})
+        for name, value in values.items():
+            log.info("Held-out %s at step %d: %.4f", name, step, value)
             if writer:
                 writer.add_scalar(f"eval/{name}", value, step)
+        value = values.get("validation_loss")
+        message = None
+        if value is not None:
+            measured[step] = value
+            result.validation.append((step, value))
+            if step > 0:
+                message = watch.add(step, value, training_loss)
+        bus.emit("eval", step, total_steps, when=when, **values)
+        if message:
+            message += (" Stopping here (early_stop)." if config.early_stop else
+                        " Turn early_stop on to stop such a run there; the best LoRA is kept either way.")
+            log.warning(message)
+            bus.emit("warning", step, total_steps, message=message)
+        return bool(message) and config.early_stop
 
-    def sample() -> None:
-        """The sample prompts rendered with the LoRA as it is now: PNG files, events, TensorBoard images."""
+    def sample(prompts: list[str]) -> None:
+        """`prompts` rendered with the LoRA as it is now: PNG files, events, TensorBoard images. Its random draws come
+        from its own generators: the run goes on exactly as without it."""
         folder = out_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        for index, (prompt, image) in enumerate(zip(config.sample_prompts, backbone.sample(config.sample_prompts, config))):
+        for index, (prompt, image) in enumerate(zip(prompts, backbone.sample(prompts, config))):
             path = folder / f"step{step:08d}_{index:02d}.png"
             image.save(path)
             result.samples.append(path)
-            bus.emit("sample", step, 0, path=str(path), prompt=prompt)
+            bus.emit("sample", step, 0, path=str(path), prompt=prompt, index=index)
             if writer:
                 import numpy as np
 
@@ -180,26 +223,101 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                 continue
             step += 1
             result.steps = step
-            losses.step_done(step, total_steps, epoch, step_fn.learning_rate(), last=micro == len(plan))
-            if periodic_save_due(config, plan, micro, step, epoch):
-                with losses.paused():
-                    save("periodic")
-            if sampling and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
-                    and accelerator.is_main_process:
-                with losses.paused():
-                    sample()
+            lr = step_fn.learning_rate()
+            losses.step_done(step, total_steps, epoch, lr, last=micro == len(plan))
+            if micro == len(plan):
+                break  # the end: measured, sampled and saved below
+            saving = periodic_save_due(config, plan, micro, step, epoch)
+            asked = cancel.take("save")
+            validating = validation_due(config, step, saving or asked)
+            with losses.paused():
+                if validating and evaluate("step", losses.since_last_call(step, total_steps, lr)):
+                    result.stopped_early = True
+                    break
+                if saving or asked:
+                    save("periodic" if saving else "requested")
+                if sampling and (config.sample_every_n_steps and step % config.sample_every_n_steps == 0 or
+                                 not config.sample_every_n_steps and saving) and accelerator.is_main_process:
+                    sample(config.sample_prompts)
+                if (prompts := cancel.take("sample")) is not None and backbone.can_sample and accelerator.is_main_process:
+                    sample(prompts or config.sample_prompts or [backbone.run["cache"][0].item.caption])
         accelerator.wait_for_everyone()
-        evaluate("after")
+        if last_eval[0] != step:
+            evaluate("after", losses.since_last_call(step, total_steps, step_fn.learning_rate()))
+        else:  # measured at this very step already (an early stop)
+            result.metrics.update({f"{name}_after": value for name, value in last_eval[1].items()})
     if result.interrupted:
         return result
 
-    # 4. the finished LoRA
+    # 4. the finished LoRA (and the best one)
     if accelerator.is_main_process:
-        if sampling and (not config.sample_every_n_steps or step % config.sample_every_n_steps):
-            sample()
+        if sampling:
+            sample(config.sample_prompts)
         result.lora_file = save("final")
-    bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file), **result.metrics)
+        _name_best(result, config, bus)
+    bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file),
+             best=_best_event(result), stopped_early=result.stopped_early, **result.metrics)
     return result
+
+
+def validation_due(config: TrainConfig, step: int, saving: bool) -> bool:
+    """Whether the validation loss is measured after this step: every validate_every_n_steps, else at each save."""
+    return bool(step % config.validate_every_n_steps == 0) if config.validate_every_n_steps else saving
+
+
+class Overfitting:
+    """Watches the validation losses of a run: the best one, and whether the run is overfitting, which is when the
+    validation loss has not improved on its best for `patience` evaluations while the training loss fell."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: tuple[int, float, float | None] | None = None  # step, validation loss, training loss then
+        self.since = 0  # evaluations since the best
+        self.said = False
+
+    def add(self, step: int, value: float, training: float | None) -> str | None:
+        """Record an evaluation; the overfitting message, the first time it applies."""
+        if self.best is None or value < self.best[1]:
+            self.best, self.since = (step, value, training), 0
+            return None
+        self.since += 1
+        fell = training is None or self.best[2] is None or training < self.best[2]
+        if self.since < self.patience or not fell or self.said:
+            return None
+        self.said = True
+        return (f"The LoRA is overfitting: its validation loss has not improved for {self.since} evaluations "
+                f"(best {self.best[1]:.4f} at step {self.best[0]}, now {value:.4f} at step {step}) while the training "
+                "loss fell.")
+
+
+def _name_best(result: TrainResult, config: TrainConfig, bus: EventBus) -> None:
+    """The best saved LoRA into the result; with use_best, it becomes NAME.safetensors and the last NAME-last."""
+    scored = [entry for entry in result.saved if entry[1] is not None and entry[2].exists()]
+    if not scored:
+        return
+    result.best = min(scored, key=lambda entry: entry[1])
+    best_step, value, best_file = result.best
+    log.info("Best LoRA: step %d, validation loss %.4f (%s)", best_step, value, best_file)
+    if not config.use_best or best_file == result.lora_file:
+        return
+    last = result.lora_file.with_name(f"{config.output_name}-last{result.lora_file.suffix}")
+    with replaced_atomically(last) as tmp:
+        shutil.copyfile(result.lora_file, tmp)
+    with replaced_atomically(result.lora_file) as tmp:
+        shutil.copyfile(best_file, tmp)
+    result.last_file = last
+    result.best = (best_step, value, result.lora_file)
+    message = (f"use_best: {result.lora_file.name} is now the LoRA of step {best_step} (validation loss {value:.4f}); "
+               f"the last step's is {last.name}.")
+    log.info(message)
+    bus.emit("saved", result.steps, result.total_steps, path=str(last), what="last")
+
+
+def _best_event(result: TrainResult) -> dict | None:
+    """The best LoRA as the 'done' event tells it."""
+    if result.best is None:
+        return None
+    return {"step": result.best[0], "validation_loss": result.best[1], "path": str(result.best[2])}
 
 
 SLOWDOWN = 3.0  # steps this many times slower than the run's best stretch: the GPU's memory is spilling
@@ -224,6 +342,7 @@ class LossLog:
         self.best: float | None = None  # the fastest seconds a step over a stretch so far (the first one left out)
         self.stretches = 0
         self.warned = False
+        self.window_start = 0  # the step of the last `since_last_call`
         self.config, self.bus, self.writer, self.result, self.levers = config, bus, writer, result, levers
 
     @contextlib.contextmanager
@@ -238,6 +357,15 @@ class LossLog:
     def add(self, loss: torch.Tensor) -> None:
         self.total += loss.detach()
         self.count += 1
+
+    def since_last_call(self, step: int, total_steps: int, lr: float) -> float | None:
+        """The mean training loss of the steps since the last call (the steps not read back yet are read now): what
+        the training loss was between two validations, steadier than one read-back."""
+        if self.count:
+            self.read(step, total_steps, lr)
+        window = [loss for s, loss in self.result.losses if s > self.window_start]
+        self.window_start = step
+        return sum(window) / len(window) if window else None
 
     def step_done(self, step: int, total_steps: int, epoch: int, lr: float, last: bool) -> None:
         """A 'progress' event for the optimizer step just taken; the read-back when it is due."""

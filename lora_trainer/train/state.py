@@ -9,7 +9,9 @@ adapter folder). The last checkpoint of a finished run has no LoRA of its own: t
 
 from __future__ import annotations
 
+import glob
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -24,35 +26,45 @@ log = logging.getLogger(__name__)
 
 
 def save(out_dir: Path, config: TrainConfig, backbone, optimizer, scheduler, *, micro: int, step: int, epoch: int,
-         kind: str, meta: dict) -> tuple[Path, Path | None]:
-    """Write a resumable checkpoint folder and the LoRA of this step (none for kind 'final'); prune old ones.
+         kind: str, meta: dict, keep_step: int | None = None,
+         validation: list[tuple[int, float | None, str]] = ()) -> tuple[Path, Path | None]:
+    """Write a resumable checkpoint folder and the LoRA of this step (none for kind 'final'); prune old ones, but
+    never the LoRA of `keep_step` (the best so far). `validation` is the run's saved LoRAs before this one (step,
+    validation loss, path), kept in the state so that a resumed run still knows its best.
     Returns the folder and the LoRA's path (the folder itself when the LoRA is inside it)."""
     root = out_dir / "checkpoints"
     final = root / f"step-{step:08d}"
-    state = {"loras": [{k: v.detach().float().cpu() for k, v in lora.items()} for lora in backbone.lora_state()],
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "micro": micro, "step": step,
-             "epoch": epoch, "version": __version__}
     lora_path = None
     try:
         with folder_replaced_atomically(final) as tmp:
-            torch.save(state, tmp / "state.pt")
             (tmp / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
             if kind != "final":
                 lora_path = backbone.checkpoint_lora(tmp, out_dir, config,
                                                      {**meta, "name": step_name(config.output_name, step)}) or final
+            history = [*validation] + ([(step, meta.get("validation_loss"), str(lora_path))] if lora_path else [])
+            state = {"loras": [{k: v.detach().float().cpu() for k, v in lora.items()} for lora in backbone.lora_state()],
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "micro": micro,
+                     "step": step, "epoch": epoch, "version": __version__, "validation": history}
+            torch.save(state, tmp / "state.pt")
     except OSError as exc:
         raise TrainingError(f"Saving the checkpoint in {root} failed ({exc.strerror}); earlier checkpoints are intact.") from None
     log.debug("Saved checkpoint %s (%s)", final, kind)
-    _prune(root, out_dir, config)
+    _prune(root, out_dir, config, keep_step)
     return final, lora_path
 
 
-def _prune(root: Path, out_dir: Path, config: TrainConfig) -> None:
-    """Keep only the newest `keep_last_n_checkpoints` checkpoint folders and the LoRA files beside them."""
+def _prune(root: Path, out_dir: Path, config: TrainConfig, keep_step: int | None = None) -> None:
+    """Keep only the newest `keep_last_n_checkpoints` checkpoint folders and the LoRA files beside them, and the
+    LoRA file of `keep_step`."""
     folders = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in folders[:-config.keep_last_n_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
-        (out_dir / f"{config.output_name}-{old.name.replace('-', '')}.safetensors").unlink(missing_ok=True)
+    kept = {f"{config.output_name}-{folder.name.replace('-', '')}.safetensors" for folder in root.glob("step-*")}
+    if keep_step is not None:
+        kept.add(f"{step_name(config.output_name, keep_step)}.safetensors")
+    for lora in out_dir.glob(f"{glob.escape(config.output_name)}-step*.safetensors"):
+        if lora.name not in kept and re.fullmatch(r"-step\d{8}", lora.stem[len(config.output_name):]):
+            lora.unlink(missing_ok=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:
