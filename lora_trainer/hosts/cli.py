@@ -253,6 +253,12 @@ def _bench(args: argparse.Namespace) -> int:
         bench_lm(size="tiny" if args.size == "tiny" else "real", batch=args.batch, seq=args.seq, steps=args.steps,
                  device=args.device, out=args.out, checkpointing=args.checkpointing)
         return 0
+    if args.what == "train" and args.validate:
+        from lora_trainer.bench.validation import bench_validation
+
+        bench_validation(family=args.family, size=args.size if args.size != "base" else "real", device=args.device,
+                         images=args.train_images, repeats=args.repeats, epochs=args.epochs, out=args.out)
+        return 0
     if args.what == "train" and args.family in FLOW_BENCH_FAMILIES:
         from lora_trainer.bench.flow import bench_flow
 
@@ -384,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train, transformer families: also time the transformer held as a GGUF file of this type.")
     bench.add_argument("--lean", action="store_true",
                        help="train: leave out the host rows (SD) or the eager rows (transformer families).")
+    bench.add_argument("--validate", action="store_true",
+                       help="train: the same run without and with validation at its defaults (a validation folder of "
+                            "a tenth as many images, measured at each save), and the training time it adds.")
+    bench.add_argument("--train-images", type=int, default=0,
+                       help="train --validate: training images (default 40 for SD, 10 for transformer families).")
+    bench.add_argument("--repeats", type=int, default=5, help="train --validate: repeats of each image per epoch.")
+    bench.add_argument("--epochs", type=int, default=3, help="train --validate: epochs, each saved.")
     bench.add_argument("--out", type=Path, help="Also write the numbers as JSON here.")
     bench.set_defaults(run=_bench)
 
