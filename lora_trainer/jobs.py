@@ -55,12 +55,16 @@ class JobStatus:
     phase_done: int = 0
     phase_total: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    best: dict | None = None  # the saved LoRA of the lowest validation loss so far: step, validation_loss, path
     learning_rate: float | None = None
     steps_per_second: float | None = None
     eta_seconds: float | None = None
     samples: list[str] = field(default_factory=list)
+    sample_grid: list[tuple[int, str, str]] = field(default_factory=list)  # (step, prompt, image path) per sample
     saved: list[str] = field(default_factory=list)
     lora_file: str | None = None
+    last_file: str | None = None  # after "use best": the last step's LoRA, NAME-last
     message: str = ""
     notice: str = ""  # what the job changed in what the user typed (a name that would have left its folder)
     warning: str = ""  # what the run noticed going wrong while it goes on (steps slowed down: memory spilling)
@@ -75,6 +79,8 @@ class JobStatus:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["losses"] = [list(pair) for pair in self.losses]
+        out["validation"] = [list(pair) for pair in self.validation]
+        out["sample_grid"] = [list(entry) for entry in self.sample_grid]
         out["running"] = self.running
         return out
 
@@ -138,6 +144,48 @@ class Trainer:
         self._cancel.set()
         return True
 
+    def save_now(self) -> bool:
+        """Ask the running job for a checkpoint and its LoRA now, between two steps (also put into the host's LoRA
+        folder as NAME-stepN); False when nothing is training."""
+        if self.job is None or not self.job.running:
+            return False
+        self._cancel.ask("save")
+        self.job.message = "Saving after the current step."
+        return True
+
+    def sample_now(self, prompt: str = "") -> bool:
+        """Ask the running job for previews now, with the LoRA as it is: of `prompt`, else the run's sample prompts,
+        else the first image's caption. The run goes on exactly as without them. False when nothing is training."""
+        if self.job is None or not self.job.running:
+            return False
+        self._cancel.ask("sample", [prompt.strip()] if prompt.strip() else None)
+        self.job.message = "Rendering a preview after the current step."
+        return True
+
+    def use_best(self) -> str:
+        """Make the finished job's best checkpoint its LoRA: NAME in the host's LoRA folder becomes the best step's
+        LoRA, and the one it replaces NAME-last. Returns what was done; raises LoraTrainerError when it cannot."""
+        job = self.job
+        if job is None or job.running or not job.lora_file:
+            raise LoraTrainerError("Use best works on a finished training: wait for the job to end.")
+        if job.best is None:
+            raise LoraTrainerError("This training measured no validation loss: give a validation share or folder "
+                                   "(validation_split, validation_dir) to know its best checkpoint.")
+        if job.last_file:
+            return f"{Path(job.lora_file).name} is already the best LoRA (step {job.best['step']}); the last is " \
+                   f"{Path(job.last_file).name}."
+        best = Path(job.best["path"])
+        if best.resolve() == Path(job.lora_file).resolve() or job.best["step"] == job.step:
+            return f"The last step ({job.best['step']}) is the best one: {Path(job.lora_file).name} stays."
+        if not best.is_file():
+            raise LoraTrainerError(f"The best LoRA {best} is gone (deleted or moved): nothing was changed.")
+        last = self.host.publish(Path(job.lora_file), f"{job.name}-last")
+        job.lora_file = str(self.host.publish(best, job.name))
+        job.last_file = str(last)
+        job.message = (f"{Path(job.lora_file).name} is now the LoRA of step {job.best['step']} (validation loss "
+                       f"{job.best['validation_loss']:.4f}); the last step's is {last.name}.")
+        return job.message
+
     def wait(self, timeout: float | None = None) -> JobStatus | None:
         """Block until the current job ends (for scripts and tests)."""
         if self._thread is not None:
@@ -171,12 +219,17 @@ class Trainer:
                 return
             job.state = "saving"
             name = job.name if not result.interrupted else step_name(job.name, result.steps)
+            if result.last_file is not None:  # use_best: the best took the name; the last keeps its own
+                job.last_file = str(self.host.publish(Path(result.last_file), f"{job.name}-last"))
             job.lora_file = str(self.host.publish(Path(result.lora_file), name))
+            if result.best is not None:
+                job.best = {"step": result.best[0], "validation_loss": result.best[1], "path": str(result.best[2])}
             job.state = "interrupted" if result.interrupted else "done"
             job.message = (f"Interrupted at step {result.steps} of {result.total_steps}; the LoRA so far is "
                            f"{Path(job.lora_file).name}. " if result.interrupted else
-                           f"Done: {Path(job.lora_file).name} after {result.steps} steps. ") + \
-                f"Use it as `<lora:{Path(job.lora_file).stem}:0.8>`."
+                           f"Done: {Path(job.lora_file).name} after {result.steps} steps"
+                           f"{' (stopped early: it was overfitting)' if result.stopped_early else ''}. ") + \
+                f"Use it as `<lora:{Path(job.lora_file).stem}:0.8>`." + _best_line(job)
         except LoraTrainerError as exc:
             job.state, job.message = "error", str(exc)
             log.error("LoRA training failed: %s", exc)
@@ -207,12 +260,48 @@ class Trainer:
                 job.message = f"Step {event.step}/{event.total}"
         elif event.kind == "loss":
             job.losses.append((event.step, float(data["loss"])))
+        elif event.kind == "eval" and data.get("validation_loss") is not None:
+            job.validation.append((event.step, float(data["validation_loss"])))
         elif event.kind == "sample":
             job.samples.append(str(data["path"]))
+            job.sample_grid.append((event.step, str(data.get("prompt", "")), str(data["path"])))
+            if job.message.startswith("Rendering a preview"):
+                job.message = f"Preview of step {event.step} rendered."
         elif event.kind == "saved":
             job.saved.append(str(data["path"]))
+            value = data.get("validation_loss")
+            if value is not None and data.get("what") != "interrupted" and \
+                    (job.best is None or value < job.best["validation_loss"]):
+                job.best = {"step": event.step, "validation_loss": float(value), "path": str(data["path"])}
+            if data.get("what") == "requested":
+                self._publish_requested(job, Path(data["path"]), event.step)
         elif event.kind == "warning":
             job.warning = str(data["message"])
+
+
+    def _publish_requested(self, job: JobStatus, lora_file: Path, step: int) -> None:
+        """A LoRA saved on request goes into the host's LoRA folder as NAME-stepN at once (a plain atomic copy: the
+        host's own refresh, which takes its locks, is for finished LoRAs)."""
+        from lora_trainer.lora.kohya import publish_lora
+
+        try:
+            target = publish_lora(lora_file, self.host.lora_dir(), step_name(job.name, step))
+        except LoraTrainerError as exc:
+            job.message = f"Saved {lora_file}, but not into the LoRA folder: {exc}"
+            return
+        job.message = f"Saved step {step} as {target.name}: use it as `<lora:{target.stem}:0.8>`."
+
+
+def _best_line(job: JobStatus) -> str:
+    """The status's sentence on the best checkpoint, when the run measured one."""
+    if job.best is None:
+        return ""
+    if job.last_file:
+        return f" It is the best checkpoint, step {job.best['step']}; the last step's is {Path(job.last_file).name}."
+    if job.best["step"] == job.step:
+        return f" The last step is the best one (validation loss {job.best['validation_loss']:.4f})."
+    return (f" The best checkpoint is step {job.best['step']} (validation loss {job.best['validation_loss']:.4f}): "
+            "**Use best** makes it the LoRA.")
 
 
 class _OtherThreadsOnly(logging.Filter):
@@ -227,8 +316,8 @@ class _OtherThreadsOnly(logging.Filter):
 
 
 def check_images(config: TrainConfig) -> None:
-    """Refuse a missing, empty or wholly unusable image folder before a job is accepted (DatasetError)."""
-    from lora_trainer.data import scan_dataset
+    """Refuse a missing, empty or wholly unusable image or validation folder before a job is accepted (DatasetError)."""
+    from lora_trainer.data import scan_images
 
     if not config.train_data_dir.strip():
         raise DatasetError("Give the folder that holds your training images (train_data_dir).")
@@ -236,8 +325,7 @@ def check_images(config: TrainConfig) -> None:
     logger = logging.getLogger("lora_trainer.data.images")
     logger.addFilter(quiet)
     try:
-        scan_dataset(config.train_data_dir, caption_extension=config.caption_extension,
-                     missing_caption=config.missing_caption, trigger_word=config.trigger_word)
+        scan_images(config)  # the validation folder or share too
     finally:
         logger.removeFilter(quiet)
 
@@ -261,6 +349,8 @@ def describe(job: JobStatus | None) -> str:
         parts.append(f"step {job.step}/{job.total}")
     if job.losses:
         parts.append(f"loss {job.losses[-1][1]:.4f}")
+    if job.validation:
+        parts.append(f"validation loss {job.validation[-1][1]:.4f}")
     if job.steps_per_second:
         parts.append(f"{job.steps_per_second:.2f} it/s")
     if job.eta_seconds is not None and job.running and job.state == "training":

@@ -178,3 +178,55 @@ def test_sample_and_save_now_leave_the_run_bit_identical(sd1_checkpoint, tmp_pat
     assert saved[0]["what"] == "requested" and saved[0]["path"].endswith("-step00000002.safetensors")
     a, b = load_file(str(plain.lora_file)), load_file(str(asked.lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_api_saves_and_samples_on_demand_and_uses_the_best_checkpoint(sd1_checkpoint, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.hosts.app import StandaloneHost
+    from lora_trainer.jobs import Trainer
+    from lora_trainer.train.plot import loss_plot, sample_grid
+    from lora_trainer.ui.api import register_api
+
+    class Host(StandaloneHost):
+        """The standalone app's host, with a listener that clicks Save now and Sample now at step 2."""
+
+        def run(self, config, listeners, cancel, job_id=""):
+            def click(event):
+                if event.kind == "progress" and event.step == 2 and "phase" not in event.data:
+                    assert client.post("/lora_trainer/save_now").json() == {"asked": True}
+                    assert client.post("/lora_trainer/sample_now", json={"prompt": "a red apple"}).status_code == 200
+            return super().run(config, [*listeners, click], cancel, job_id)
+
+    trainer = Trainer(Host(tmp_path / "loras", tmp_path / "out"))
+    app = FastAPI()
+    register_api(app, trainer)
+    client = TestClient(app)
+    assert client.post("/lora_trainer/save_now").status_code == 409  # nothing is training
+    assert client.post("/lora_trainer/use_best").status_code == 409
+    config = _overfitting_config(sd1_checkpoint, tmp_path, "", max_steps=12, save_every_n_steps=4, sample_steps=2,
+                                 validate_every_n_steps=0)
+    values = {k: v for k, v in vars(config).items() if v not in (None, "", [])}
+    started = client.post("/lora_trainer/train", json={"config": {**values, "output_name": "ink"}})
+    assert started.status_code == 201
+    trainer.wait(300)
+    status = client.get("/lora_trainer/status").json()
+    assert status["state"] == "done", status["message"]
+    assert [step for step, _ in status["validation"]] == [0, 2, 4, 8, 12]  # at each save, the one asked for too
+    assert status["sample_grid"] == [[2, "a red apple", status["samples"][0]]]
+    assert (tmp_path / "loras" / "ink-step00000002.safetensors").is_file()  # Save now, into the LoRA folder
+    best = status["best"]
+    assert best["validation_loss"] == min(value for step, value in status["validation"] if step > 0)
+    answer = client.post("/lora_trainer/use_best").json()
+    names = {p.name for p in (tmp_path / "loras").glob("*.safetensors")}
+    if best["step"] == 12:
+        assert "stays" in answer["message"] and "ink-last.safetensors" not in names
+    else:
+        assert "ink-last.safetensors" in names
+        _, metadata = read_lora_file(tmp_path / "loras" / "ink.safetensors")
+        assert float(metadata[VALIDATION_LOSS]) == best["validation_loss"]
+    # what the tab shows: both curves, and the grid of steps x prompts
+    assert loss_plot(trainer.job.losses, trainer.job.validation).size == (512, 256)
+    assert sample_grid(trainer.job.sample_grid).size == (72 + 160, 44 + 160)

@@ -33,6 +33,8 @@ DATASET = "LORA_TRAINER_DATASET"
 FAMILIES = (("SDXL", "sdxl"), ("SD20", "sd2"), ("SD15", "sd1"))  # comfy.supported_models classes, subclasses too
 TRAIN_WIDGETS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "lora_targets", "optimizer",
                  "lr_scheduler", "seed", "save_every_n_steps")
+# after 'advanced', as optional inputs: workflows saved before them keep their widget values in place
+VALIDATION_WIDGETS = ("validation_split", "use_best")
 DATASET_WIDGETS = ("resolution", "enable_buckets", "repeats", "trigger_word", "shuffle_captions", "keep_tokens",
                    "caption_dropout", "flip_aug")
 
@@ -331,7 +333,7 @@ def _train_config(model, clip, dataset: dict, output_name: str, advanced: str, o
         notes.append(f"The MODEL/CLIP input already has a LoRA applied ({unet_patches} UNet and {clip_patches} "
                      "text encoder weights patched, e.g. by LoraLoader). Training ignores it and learns on the "
                      "checkpoint's own weights; the MODEL and CLIP outputs apply it and the new LoRA together.")
-    values = {**dataset, **_values(TRAIN_WIDGETS, options), **extra, "output_name": name,
+    values = {**dataset, **_values(TRAIN_WIDGETS + VALIDATION_WIDGETS, options), **extra, "output_name": name,
               "output_dir": str(Path(folder_paths.get_output_directory()) / "lora_trainer" / name)}
     values.setdefault("sample_prompts", [])
     return make_config(values), notes
@@ -362,9 +364,10 @@ class TrainLora:
                     "output_name": _widget(TrainConfig, "output_name")}
         required.update({name: _widget(TrainConfig, name) for name in TRAIN_WIDGETS})
         required["seed"] = _fixed_seed(required["seed"])
-        return {"required": required,
-                "optional": {"advanced": ("STRING", {"multiline": True, "default": "",
-                                                     "tooltip": "More settings as YAML key: value lines (any train key)."})},
+        optional = {"advanced": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "More settings as YAML key: value lines (any train key)."})}
+        optional.update({name: _widget(TrainConfig, name) for name in VALIDATION_WIDGETS})
+        return {"required": required, "optional": optional,
                 "hidden": {"unique_id": "UNIQUE_ID"}}  # the node's id, to show text under it
 
     @classmethod
@@ -389,14 +392,38 @@ class TrainLora:
             log.warning("LoRA Trainer: %s", note)
         cancel = CancelToken()
         bar = comfy.utils.ProgressBar(max(config.max_steps, 1))
-        warnings, plan = [], ""  # the run's warnings (the engine logs them) and memory plan, shown under the node
+        # under the node: the run's warnings (the engine logs them), what it did on request, its validation, its plan
+        warnings, news, plan = [], [], ""
+        validation: list[tuple[int, float]] = []
+
+        def shown() -> str:
+            lines = [*warnings, *news[-3:]]
+            if validation:
+                best = min(validation, key=lambda entry: entry[1])
+                lines.append(f"Validation loss {validation[-1][1]:.4f} at step {validation[-1][0]} (best {best[1]:.4f} "
+                             f"at step {best[0]}).")
+            return "\n\n".join([*lines, plan])
 
         def on_event(event) -> None:
             if mm.processing_interrupted():
                 cancel.set()
             elif event.kind == "warning":
                 warnings.append(f"Warning: {event.data['message']}")
-                show_on_node(unique_id, "\n\n".join([*warnings, plan]))
+                show_on_node(unique_id, shown())
+            elif event.kind == "eval" and event.data.get("validation_loss") is not None:
+                validation.append((event.step, event.data["validation_loss"]))
+                show_on_node(unique_id, shown())
+            elif event.kind == "saved" and event.data.get("what") == "requested":
+                target = publish(Path(event.data["path"]), step_name(name, event.step))
+                news.append(f"Saved step {event.step} as {target.name} (Save now).")
+                show_on_node(unique_id, shown())
+            elif event.kind == "sample":
+                try:
+                    _preview(bar, event.data["path"])
+                except mm.InterruptProcessingException:
+                    cancel.set()
+                news.append(f"Preview of step {event.step}: {event.data['prompt']!r} ({event.data['path']}).")
+                show_on_node(unique_id, shown())
             elif event.kind == "progress" and "phase" not in event.data:
                 try:
                     bar.update_absolute(event.step, event.total)
@@ -409,19 +436,82 @@ class TrainLora:
             plan = memory_report(config, _free_for_training(), backbone)
             log.info("LoRA Trainer memory plan:\n%s", plan)
             show_on_node(unique_id, plan)
-            result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
+            RUNNING[:] = [cancel]  # what the Save now / Sample now routes reach
+            try:
+                result = train_lora(config, backbone=backbone, listeners=[on_event], cancel=cancel)
+            finally:
+                RUNNING.clear()
         if result.interrupted:
             if result.lora_file:
                 saved = publish(result.lora_file, step_name(name, result.steps))
                 log.info("LoRA Trainer: interrupted; the LoRA so far is %s", saved)
             raise mm.InterruptProcessingException()  # ComfyUI then reports the run as interrupted
+        last = publish(result.last_file, f"{name}-last") if result.last_file is not None else None
         target = publish(result.lora_file, name)
         lora = comfy.utils.load_torch_file(str(target), safe_load=True)
         model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-        plot = torch.from_numpy(np.asarray(loss_plot(result.losses), dtype=np.float32) / 255.0)[None]
-        report = "\n".join([f"Saved {target} ({result.steps} steps).", *notes, *warnings, "", plan])
+        plot = torch.from_numpy(np.asarray(loss_plot(result.losses, result.validation), dtype=np.float32) / 255.0)[None]
+        early = ", stopped early: it was overfitting" if result.stopped_early else ""
+        report = "\n".join([f"Saved {target} ({result.steps} steps{early}).",
+                            *_best_lines(result, last), *notes, *warnings, "", plan])
         show_on_node(unique_id, report)
         return {"ui": {"text": [report]}, "result": (model_lora, clip_lora, target.name, plot)}
+
+
+RUNNING: list = []  # the CancelToken of the Train LoRA node running now (ComfyUI runs one node at a time)
+
+
+def _preview(bar, path: str) -> None:
+    """A sample image as the node's preview (ComfyUI's progress preview, as its samplers show theirs)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            bar.update_absolute(bar.current, None, ("PNG", image.convert("RGB"), 512))
+    except OSError:
+        log.warning("LoRA Trainer: cannot show the preview %s", path)
+
+
+def _best_lines(result, last: Path | None) -> list[str]:
+    """What the node says of the best checkpoint."""
+    if result.best is None:
+        return []
+    step, value, path = result.best
+    if last is not None:
+        return [(f"use_best: it is the best checkpoint, step {step} (validation loss {value:.4f}); the last step's is "
+                 f"{last.name}.")]
+    if step == result.steps:
+        return [f"The last step is the best one (validation loss {value:.4f})."]
+    return [(f"The best checkpoint is step {step} (validation loss {value:.4f}): {path}. Turn use_best on to make the "
+             "best one the LoRA.")]
+
+
+def register_routes() -> None:
+    """POST /lora_trainer/save_now and /lora_trainer/sample_now on ComfyUI's server (the Train LoRA node's buttons
+    call them): the running training saves, or renders a preview with its sample prompts, after its current step.
+    409 when no Train LoRA node is running. Nothing without ComfyUI's server."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return
+
+    def ask(what: str):
+        if not RUNNING:
+            return web.json_response({"error": "No Train LoRA node is running."}, status=409)
+        RUNNING[0].ask(what)
+        return web.json_response({"asked": True})
+
+    @server.routes.post("/lora_trainer/save_now")
+    async def save_now(request):
+        return ask("save")
+
+    @server.routes.post("/lora_trainer/sample_now")
+    async def sample_now(request):
+        return ask("sample")
 
 
 class MemoryPlan:

@@ -1,4 +1,5 @@
-"""HTTP routes under /lora_trainer/ for scripts: start a job, watch it, interrupt it, list the LoRAs.
+"""HTTP routes under /lora_trainer/ for scripts: start a job, watch it, save or preview it on demand, interrupt it,
+use its best checkpoint, list the LoRAs.
 
 The same routes are mounted on the WebUI's FastAPI app (on_app_started) and on the standalone app's.
 Bodies are read as plain JSON, so the routes work under pydantic 1 (WebUI) and 2 (Forge, current FastAPI).
@@ -20,6 +21,11 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
     POST {prefix}/plan       body as for train: {"plan": the predicted peak GPU memory of that run on the host's
                              model and what memory: auto would pick}, 422 for a bad config
     POST {prefix}/interrupt  stop after the current step, saving what was trained
+    POST {prefix}/save_now   a checkpoint and its LoRA after the current step (into the LoRA folder as NAME-stepN);
+                             409 when nothing is training
+    POST {prefix}/sample_now body (optional): {"prompt": "..."}; previews after the current step, of the prompt or the
+                             run's sample prompts (the status's samples and sample_grid); 409 when nothing is training
+    POST {prefix}/use_best   the finished job's best checkpoint becomes NAME, the last NAME-last; 409 when it cannot
     GET  {prefix}/results    LoRA files in the host's LoRA folder, newest first
     """
     from fastapi import Request
@@ -67,9 +73,34 @@ def register_api(app, trainer: Trainer, *, prefix: str = PREFIX, dependencies: l
     def results():
         return trainer.results()
 
+    def refused(message: str):
+        return JSONResponse({"error": message}, status_code=409)
+
+    def save_now():
+        return {"asked": True} if trainer.save_now() else refused("Nothing is training.")
+
+    async def sample_now(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        prompt = body.get("prompt", "") if isinstance(body, dict) else ""
+        if not isinstance(prompt, str):
+            return JSONResponse({"error": "'prompt' must be text."}, status_code=400)
+        return {"asked": True} if trainer.sample_now(prompt) else refused("Nothing is training.")
+
+    async def use_best():
+        try:
+            return {"message": await run_in_threadpool(trainer.use_best), "job": trainer.job.as_dict()}
+        except LoraTrainerError as exc:
+            return refused(str(exc))
+
     extra = {"dependencies": dependencies} if dependencies else {}
     app.add_api_route(f"{prefix}/train", train, methods=["POST"], **extra)
     app.add_api_route(f"{prefix}/plan", plan, methods=["POST"], **extra)
     app.add_api_route(f"{prefix}/status", status, methods=["GET"], **extra)
     app.add_api_route(f"{prefix}/interrupt", interrupt, methods=["POST"], **extra)
     app.add_api_route(f"{prefix}/results", results, methods=["GET"], **extra)
+    app.add_api_route(f"{prefix}/save_now", save_now, methods=["POST"], **extra)
+    app.add_api_route(f"{prefix}/sample_now", sample_now, methods=["POST"], **extra)
+    app.add_api_route(f"{prefix}/use_best", use_best, methods=["POST"], **extra)

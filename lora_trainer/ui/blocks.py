@@ -186,13 +186,23 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
                     watch_button = gr.Button("Show progress", elem_id="lora_trainer_watch")
                     plan_button = gr.Button("Check memory", elem_id="lora_trainer_plan",
                                             visible=hasattr(host, "memory_plan"))
+                with gr.Row():
+                    save_now = gr.Button("Save now", elem_id="lora_trainer_save_now", scale=0)
+                    sample_now = gr.Button("Sample now", elem_id="lora_trainer_sample_now", scale=0)
+                    preview_prompt = gr.Textbox(label="Preview prompt", elem_id="lora_trainer_preview_prompt",
+                                                info="Sample now renders this with the LoRA as it is (empty: the "
+                                                     "sample prompts, else the first caption); the run goes on "
+                                                     "exactly as without it.")
+                    use_best = gr.Button("Use best", elem_id="lora_trainer_make_best", scale=0)
                 memory_plan = gr.Markdown("", elem_id="lora_trainer_memory_plan")
                 gr.HTML('<div id="lora_trainer_progress"></div>')  # the WebUI's own progress bar goes here
                 task_id = gr.Textbox(visible=False, elem_id="lora_trainer_task_id")
                 status = gr.Markdown(describe(trainer.job), elem_id="lora_trainer_status")
                 with gr.Row():
-                    plot = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_trainer_loss_plot")
-                    samples = gr.Gallery(label="Samples", columns=4, height=300, elem_id="lora_trainer_samples")
+                    plot = gr.Image(label="Loss (blue: training; orange: validation)", type="pil", interactive=False,
+                                    elem_id="lora_trainer_loss_plot")
+                    samples = gr.Image(label="Samples: a row per step, a column per prompt", type="pil",
+                                       interactive=False, elem_id="lora_trainer_samples")
 
             with gr.Tab("5. Result", elem_id="lora_trainer_tab_result"):
                 results = gr.Dataframe(headers=["LoRA", "prompt", "size (MB)"], datatype=["str", "str", "number"],
@@ -330,8 +340,8 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             """The job as it is now (page load): a reloaded page shows the running job, not an empty tab."""
             job = trainer.job
             if job is None:
-                return describe(None), None, [], result_rows()
-            return describe(job), loss_image(job), sample_images(job), result_rows()
+                return describe(None), None, None, result_rows()
+            return describe(job), loss_image(job), sample_image(job), result_rows()
 
         def on_watch():
             """Stream the job's status until it ends (the page can be closed: training goes on)."""
@@ -339,12 +349,13 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
             while True:
                 job = trainer.job
                 if job is None:
-                    yield describe(None), None, [], result_rows()
+                    yield describe(None), None, None, result_rows()
                     return
-                changed = len(job.losses) + len(job.samples) != shown
-                shown = len(job.losses) + len(job.samples)
+                count = len(job.losses) + len(job.validation) + len(job.samples)
+                changed = count != shown
+                shown = count
                 yield (describe(job), loss_image(job) if changed else gr.update(),
-                       sample_images(job) if changed else gr.update(), result_rows())
+                       sample_image(job) if changed else gr.update(), result_rows())
                 if not job.running:
                     return
                 time.sleep(POLL_SECONDS)
@@ -352,17 +363,12 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         def loss_image(job) -> Image.Image | None:
             from lora_trainer.train.plot import loss_plot
 
-            return loss_plot(job.losses) if job.losses else None
+            return loss_plot(job.losses, job.validation) if job.losses or job.validation else None
 
-        def sample_images(job) -> list:
-            images = []
-            for path in job.samples[-8:]:
-                try:
-                    with Image.open(path) as image:
-                        images.append((image.convert("RGB"), Path(path).stem))
-                except OSError:
-                    continue
-            return images
+        def sample_image(job) -> Image.Image | None:
+            from lora_trainer.train.plot import sample_grid
+
+            return sample_grid(job.sample_grid[-48:])
 
         def result_rows() -> list[list]:
             return [[r["name"], r["prompt"], round(r["size"] / 2**20, 2)] for r in trainer.results()] or \
@@ -370,6 +376,19 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
 
         def on_interrupt():
             return describe(trainer.job) if trainer.interrupt() else "Nothing is training."
+
+        def on_save_now():
+            return describe(trainer.job) if trainer.save_now() else "Nothing is training."
+
+        def on_sample_now(prompt):
+            return describe(trainer.job) if trainer.sample_now(prompt or "") else "Nothing is training."
+
+        def on_use_best():
+            try:
+                trainer.use_best()
+            except LoraTrainerError as exc:
+                return f"**Problem:** {_named(str(exc))}", result_rows()
+            return describe(trainer.job), result_rows()
 
         def on_pick_result(rows, evt: gr.SelectData):
             row = evt.index[0] if isinstance(evt.index, (list, tuple)) else 0
@@ -416,6 +435,9 @@ def build_blocks(host, trainer: Trainer) -> gr.Blocks:
         watch_button.click(on_watch, None, watch_outputs)
         train_tab.select(on_watch, None, watch_outputs)
         interrupt_button.click(on_interrupt, None, [status])
+        save_now.click(on_save_now, None, [status])
+        sample_now.click(on_sample_now, [preview_prompt], [status])
+        use_best.click(on_use_best, None, [status, results])
         refresh_results.click(result_rows, None, [results])
         results.select(on_pick_result, [results], [lora_name])
         test_inputs = [lora_name, test_prompt, test_negative, test_strengths, test_seed, test_steps, test_size,
