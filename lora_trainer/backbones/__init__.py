@@ -64,15 +64,19 @@ class Backbone(Protocol):
     def capture_blockers(self, config: TrainConfig) -> list[str]:
         """Why this run's step cannot be captured as a CUDA graph, beyond the loop's own reasons."""
 
-    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """The step's inputs for these examples; random draws come from `gen` (CPU) and `device_gen` (device)."""
+    def batch(self, indices: list[int], gen: torch.Generator, device_gen: torch.Generator,
+              times: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The step's inputs for these examples; random draws come from `gen` (CPU) and `device_gen` (device). Image
+        families: a validation batch gives `times`, fixed quantiles of the training's time distribution, and is not
+        augmented (`backbones.validation`)."""
 
     def loss(self, network: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective on `inputs` through `network` (the first trained module, possibly wrapped or compiled),
         under the step's autocast: the same code eagerly and inside a captured CUDA graph."""
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out measures of the LoRA as it is now ({} when this run has none)."""
+        """Held-out measures of the LoRA as it is now ({} when this run has none); 'validation_loss', when there,
+        picks the best checkpoint and decides early stop."""
 
     @property
     def can_sample(self) -> bool:

@@ -487,6 +487,9 @@ class DiffusionBackbone:
             model.train()
         if self.vae is not None:
             self.vae.to("cpu")
+        if not self._encoders_stay(config, self.run["te_train"]):  # a preview asked for mid-run (Sample now)
+            for encoder in self.text_encoders:
+                encoder.to("cpu")
         return images
 
     def render(self, prompt: str, *, steps: int, guidance: float, seed: int, size: int, negative: str = ""):

@@ -231,7 +231,8 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             asked = cancel.take("save")
             validating = validation_due(config, step, saving or asked)
             with losses.paused():
-                if validating and evaluate("step", losses.since_last_call(step, total_steps, lr)):
+                if validating and _all_agree(evaluate("step", losses.since_last_call(step, total_steps, lr)),
+                                             accelerator):
                     result.stopped_early = True
                     break
                 if saving or asked:
@@ -258,6 +259,13 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file),
              best=_best_event(result), stopped_early=result.stopped_early, **result.metrics)
     return result
+
+
+def _all_agree(stop: bool, accelerator: Accelerator) -> bool:
+    """Whether any process of a multi-GPU run stops here (each judges its own training loss): all stop together."""
+    if accelerator.num_processes == 1:
+        return stop
+    return bool(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "max").item())
 
 
 def validation_due(config: TrainConfig, step: int, saving: bool) -> bool:
