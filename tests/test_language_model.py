@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,14 @@ def test_loss_and_held_out_perplexity_fall_and_the_adapter_loads_in_peft(tiny_lm
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    result = train_lora(lm_config(tiny_lm, corpus, tmp_path / "out", max_steps=40))
+    result = train_lora(lm_config(tiny_lm, corpus, tmp_path / "out", max_steps=40, save_every_n_steps=20))
     losses = [loss for _, loss in result.losses]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert result.metrics["perplexity_after"] < 0.5 * result.metrics["perplexity_before"]
+    # measured on the images' schedule (before, at each save, after); its validation loss is the log-perplexity
+    assert [step for step, _ in result.validation] == [0, 20, 40]
+    assert result.validation[-1][1] == pytest.approx(math.log(result.metrics["perplexity_after"]))
+    assert result.best is not None and result.best[0] in (20, 40)
     adapter = result.lora_file
     assert adapter.parent == tmp_path / "out" and adapter.name.endswith("_lora")
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}

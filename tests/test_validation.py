@@ -230,3 +230,17 @@ def test_the_api_saves_and_samples_on_demand_and_uses_the_best_checkpoint(sd1_ch
     # what the tab shows: both curves, and the grid of steps x prompts
     assert loss_plot(trainer.job.losses, trainer.job.validation).size == (512, 256)
     assert sample_grid(trainer.job.sample_grid).size == (72 + 160, 44 + 160)
+
+
+def test_a_resumed_run_still_knows_the_validation_losses_of_its_earlier_saves(sd1_checkpoint, tmp_path):
+    data = make_dataset(tmp_path / "data", count=4)
+    options = {"max_steps": 8, "save_every_n_steps": 2, "validation_split": 0.25, "keep_last_n_checkpoints": 1}
+    cancel = CancelToken()
+    stop = lambda e: cancel.set() if e.kind == "progress" and e.step == 5 and "phase" not in e.data else None
+    first = train_lora(quick_config(sd1_checkpoint, data, tmp_path / "out", **options), listeners=[stop], cancel=cancel)
+    assert first.interrupted and [step for step, _, _ in first.saved] == [2, 4]
+    resumed = train_lora(quick_config(sd1_checkpoint, data, tmp_path / "out", **options), resume=tmp_path / "out")
+    assert [step for step, _, _ in resumed.saved] == [2, 4, 6, 8]
+    recorded = {step: value for step, value, _ in resumed.saved}
+    assert recorded[2] == first.saved[0][1] and resumed.best[1] == min(recorded.values())
+    assert resumed.best[2].is_file()  # the best one's LoRA was kept, whichever step it is

@@ -41,7 +41,8 @@ def save(out_dir: Path, config: TrainConfig, backbone, optimizer, scheduler, *, 
             if kind != "final":
                 lora_path = backbone.checkpoint_lora(tmp, out_dir, config,
                                                      {**meta, "name": step_name(config.output_name, step)}) or final
-            history = [*validation] + ([(step, meta.get("validation_loss"), str(lora_path))] if lora_path else [])
+            kept = lora_path is not None and kind != "interrupted"  # a stop's LoRA is no checkpoint to choose from
+            history = [*validation] + ([(step, meta.get("validation_loss"), str(lora_path))] if kept else [])
             state = {"loras": [{k: v.detach().float().cpu() for k, v in lora.items()} for lora in backbone.lora_state()],
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "micro": micro,
                      "step": step, "epoch": epoch, "version": __version__, "validation": history}
