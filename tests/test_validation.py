@@ -174,7 +174,7 @@ def test_sample_and_save_now_leave_the_run_bit_identical(sd1_checkpoint, tmp_pat
     saved: list = []
     asked = train_lora(quick_config(sd1_checkpoint, data, tmp_path / "b", **options), cancel=cancel,
                        listeners=[ask, lambda e: saved.append(e.data) if e.kind == "saved" else None])
-    assert [path.name for path in asked.samples] == ["step00000002_00.png"]
+    assert [path.name for path in asked.samples] == ["step00000002_00_asked.png"]
     assert saved[0]["what"] == "requested" and saved[0]["path"].endswith("-step00000002.safetensors")
     a, b = load_file(str(plain.lora_file)), load_file(str(asked.lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -179,13 +179,13 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
             bus.emit("warning", step, total_steps, message=message)
         return bool(message) and config.early_stop
 
-    def sample(prompts: list[str]) -> None:
+    def sample(prompts: list[str], asked: bool = False) -> None:
         """`prompts` rendered with the LoRA as it is now: PNG files, events, TensorBoard images. Its random draws come
-        from its own generators: the run goes on exactly as without it."""
+        from its own generators: the run goes on exactly as without it. `asked`: a Sample now (its own file names)."""
         folder = out_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         for index, (prompt, image) in enumerate(zip(prompts, backbone.sample(prompts, config))):
-            path = folder / f"step{step:08d}_{index:02d}.png"
+            path = folder / f"step{step:08d}_{index:02d}{'_asked' if asked else ''}.png"
             image.save(path)
             result.samples.append(path)
             bus.emit("sample", step, 0, path=str(path), prompt=prompt, index=index)
@@ -241,7 +241,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                                  not config.sample_every_n_steps and saving) and accelerator.is_main_process:
                     sample(config.sample_prompts)
                 if (prompts := cancel.take("sample")) is not None and backbone.can_sample and accelerator.is_main_process:
-                    sample(prompts or config.sample_prompts or [backbone.run["cache"][0].item.caption])
+                    sample(prompts or config.sample_prompts or [backbone.run["cache"][0].item.caption], asked=True)
         accelerator.wait_for_everyone()
         if last_eval[0] != step:
             evaluate("after", losses.since_last_call(step, total_steps, step_fn.learning_rate()))
