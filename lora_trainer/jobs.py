@@ -256,8 +256,8 @@ class Trainer:
             if event.step > 1 and elapsed > 0:
                 job.steps_per_second = event.step / elapsed
                 job.eta_seconds = (event.total - event.step) / job.steps_per_second
-            if not job.message.startswith("Stopping"):
-                job.message = f"Step {event.step}/{event.total}"
+            if job.message.startswith(("Waiting", "Encoding")):  # the status's first line has the step from here
+                job.message = ""
         elif event.kind == "loss":
             job.losses.append((event.step, float(data["loss"])))
         elif event.kind == "eval" and data.get("validation_loss") is not None:
@@ -265,8 +265,9 @@ class Trainer:
         elif event.kind == "sample":
             job.samples.append(str(data["path"]))
             job.sample_grid.append((event.step, str(data.get("prompt", "")), str(data["path"])))
-            if job.message.startswith("Rendering a preview"):
-                job.message = f"Preview of step {event.step} rendered."
+            if str(data["path"]).endswith("_asked.png"):  # a Sample now; beside a Save now's answer of the same step
+                saved = job.message.split(" Preview of")[0] if job.message.startswith(f"Saved step {event.step} ") else ""
+                job.message = f"{saved} Preview of step {event.step} rendered: see Samples.".strip()
         elif event.kind == "saved":
             job.saved.append(str(data["path"]))
             value = data.get("validation_loss")

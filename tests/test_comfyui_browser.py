@@ -71,6 +71,43 @@ CHECK_MEMORY = """async () => {
     return plan.id;
 }"""
 
+# the Train LoRA node's buttons (web/lora_trainer_nodes.js) as the frontend made them, and how they serialize
+BUTTONS = """() => {
+    const node = app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora');
+    return node.widgets.filter(w => w.type === 'button')
+        .map(w => ({name: w.name, serialize: w.options?.serialize}));
+}"""
+
+# where a Train LoRA button is on the page, the node centred in view first (a real click goes there)
+BUTTON_POINT = """(index) => {
+    const node = app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora');
+    const button = node.widgets.filter(w => w.type === 'button')[index];
+    app.canvas.ds.scale = 1;
+    app.canvas.centerOnNode(node);
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    const y = (button.y ?? button.last_y) + (button.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT) / 2;
+    const [x, top] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2, node.pos[1] + y]);
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    return [rect.left + x, rect.top + top];
+}"""
+
+# the button's label now (it says what the server answered for 3 s after a click)
+BUTTON_LABEL = """(index) => app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora').widgets
+    .filter(w => w.type === 'button')[index].name"""
+
+# what the server pushes to the page while a prompt runs: progress, node texts, preview images
+RECORD = """() => {
+    const seen = window.loraTrainerSeen = {progress: [], texts: [], previews: [], previewNodes: []};
+    app.api.addEventListener('progress', e => seen.progress.push(e.detail));
+    app.api.addEventListener('progress_text', e => seen.texts.push(e.detail));
+    app.api.addEventListener('b_preview_with_metadata', e => seen.previewNodes.push(String(e.detail.nodeId)));
+    app.api.addEventListener('b_preview', async e => {
+        const image = await createImageBitmap(e.detail);
+        seen.previews.push([e.detail.type, image.width, image.height]);
+    });
+}"""
+
 # the text ComfyUI's frontend shows under a node (the widget it adds for the server's progress text)
 NODE_TEXT = """(id) => app.graph.getNodeById(id)?.widgets?.find(w => w.name === '$$node-text-preview')?.value || ''"""
 
@@ -97,6 +134,17 @@ def _open_frontend(p, server, messages: list[str]):
     page.goto(f"http://127.0.0.1:{server.port}/")
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
     return browser, page
+
+
+def _click_button(page, index: int) -> str:
+    """A real mouse click on the Train LoRA node's button `index` (0: Save now, 1: Sample now), the dialogs a fresh
+    frontend opens (e.g. the Templates browser) closed first; the button's label once it says the server's answer."""
+    for _ in range(3):
+        page.keyboard.press("Escape")
+    page.wait_for_timeout(300)
+    page.mouse.click(*page.evaluate(BUTTON_POINT, index))
+    page.wait_for_function(f"(i) => ({BUTTON_LABEL})(i).includes(':')", arg=index, timeout=10_000)
+    return page.evaluate(BUTTON_LABEL, index)
 
 
 def _need_browser() -> None:
@@ -162,6 +210,107 @@ def test_example_workflow_runs_from_comfyuis_own_frontend(server):
     _, metadata = read_lora_file(server.base / "models" / "loras" / "browser_lora.safetensors")
     assert metadata["ss_steps"] == "2" and metadata["ss_lr_scheduler"] == "cosine" and metadata["ss_seed"] == "42"
     assert list((server.base / "output").glob("lora_trainer_example*.png"))
+
+
+def test_train_node_has_save_now_and_sample_now_buttons_left_out_of_the_workflow(server):
+    """The buttons of web/lora_trainer_nodes.js on a loaded example workflow's Train node: serialized neither into
+    the saved workflow nor into the prompt; clicked with no training running, the server's 409 on the button."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    example = json.loads((real.ROOT / "example_workflows" / "train_lora_from_folder.json").read_text())
+    saved_values = next(n["widgets_values"] for n in example["nodes"] if n["type"] == "LoraTrainerTrainLora")
+    messages = []
+    with sync_playwright() as p:
+        browser, page = _open_frontend(p, server, messages)
+        loaded = page.evaluate(LOAD_TEMPLATE)
+        assert "widgets" in loaded, f"not among the templates: {loaded['listing']}"
+        buttons = page.evaluate(BUTTONS)
+        names = [name for name, _ in loaded["widgets"]]
+        workflow = page.evaluate("() => app.graph.serialize()")
+        prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+        idle = _click_button(page, 0)
+        page.wait_for_function(f"() => ({BUTTON_LABEL})(0) === 'Save now'", timeout=10_000)  # its label back
+        browser.close()
+    assert [b["name"] for b in buttons] == ["Save now", "Sample now"], buttons
+    assert all(b["serialize"] is False for b in buttons), buttons
+    assert names[-2:] == ["Save now", "Sample now"] and names[-4:-2] == ["validation_split", "use_best"], names
+    train = next(n for n in workflow["nodes"] if n["type"] == "LoraTrainerTrainLora")
+    assert train["widgets_values"] == saved_values  # the buttons add nothing to the saved workflow
+    inputs = prompt[str(train["id"])]["inputs"]
+    spec = server.info["LoraTrainerTrainLora"]["input"]
+    assert set(inputs) <= set(spec["required"]) | set(spec["optional"]), sorted(inputs)
+    assert inputs["validation_split"] == 0.0 and inputs["use_best"] is False
+    assert idle == "Save now: No Train LoRA node is running.", idle
+
+
+def test_save_now_and_sample_now_clicked_during_a_run_queued_from_the_frontend(server):
+    """The example workflow queued from the frontend with a held-out image; once its training runs, a click on Save
+    now and one on Sample now: the LoRA of that step in models/loras as NAME-stepN, its preview pushed to the page as
+    the node's preview, and the node's text says both and the validation loss."""
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    before = set(server.call("/history"))
+    messages = []
+    with sync_playwright() as p:
+        browser, page = _open_frontend(p, server, messages)
+        loaded = page.evaluate(LOAD_TEMPLATE)
+        assert "widgets" in loaded, f"not among the templates: {loaded['listing']}"
+        train = page.evaluate("() => app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora').id")
+        page.evaluate(RECORD)
+        page.evaluate(SET_AND_QUEUE, [
+            ["CheckpointLoaderSimple", "ckpt_name", "tiny_sd15.safetensors"],
+            ["LoraTrainerDatasetFromFolder", "folder", "lora_data"],
+            ["LoraTrainerDatasetFromFolder", "resolution", 64],
+            ["LoraTrainerTrainLora", "output_name", "browser_ask"],
+            ["LoraTrainerTrainLora", "max_steps", 20],
+            ["LoraTrainerTrainLora", "validation_split", 0.34],
+            # no scheduled saves: the one the click asks for is the only step LoRA in models/loras
+            ["LoraTrainerTrainLora", "advanced", "save_every_n_epochs: 0"],
+            ["EmptyLatentImage", "width", 64], ["EmptyLatentImage", "height", 64],
+            ["KSampler", "steps", 2]])
+        # its training has taken a step: the Train node's progress (ComfyUI's bar under the node)
+        page.wait_for_function("(id) => window.loraTrainerSeen.progress.some(p => String(p.node) === String(id))",
+                               arg=train, timeout=300_000)
+        labels = [_click_button(page, index) for index in (0, 1)]
+        asked_at = page.evaluate("() => Math.max(...window.loraTrainerSeen.progress.map(p => p.value))")
+        deadline = time.time() + 600
+        while True:
+            history = server.call("/history")
+            done = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed") is not None]
+            if done or time.time() > deadline:
+                break
+            time.sleep(1)
+        page.wait_for_timeout(1000)  # the last messages of the run reach the page
+        seen = page.evaluate("() => window.loraTrainerSeen")
+        browser.close()
+    assert labels == ["Save now: asked", "Sample now: asked"], labels
+    assert done and done[0]["status"]["status_str"] == "success", json.dumps(done[0]["status"] if done else messages[-30:])
+    _, _, queued, extra, _ = done[0]["prompt"]  # what the frontend sent: no button among the inputs or widget values
+    inputs = queued[str(train)]["inputs"]
+    assert not {"Save now", "Sample now"} & set(inputs) and inputs["validation_split"] == 0.34, sorted(inputs)
+    example = json.loads((real.ROOT / "example_workflows" / "train_lora_from_folder.json").read_text())
+    widgets_values = [node["widgets_values"] for workflow in (example, extra["extra_pnginfo"]["workflow"])
+                      for node in workflow["nodes"] if node["type"] == "LoraTrainerTrainLora"]
+    assert len(widgets_values[1]) == len(widgets_values[0]), widgets_values
+    loras = server.base / "models" / "loras"
+    asked = list(loras.glob("browser_ask-step*.safetensors"))
+    assert len(asked) == 1, sorted(p.name for p in loras.iterdir())
+    step = int(asked[0].stem.rsplit("-step", 1)[1])
+    assert asked_at <= step < 20 and read_lora_file(asked[0])[1]["ss_steps"] == str(step)
+    samples = server.base / "output" / "lora_trainer" / "browser_ask" / "samples"
+    previews = list(samples.glob("step*.png"))
+    assert len(previews) == 1 and previews[0].name.startswith(f"step{step:08d}_00"), previews
+    # the 64 px sample, as ComfyUI sends previews (scaled to its preview size, square kept)
+    assert len(seen["previews"]) == 1 and seen["previews"][0][1] == seen["previews"][0][2], seen["previews"]
+    if seen["previewNodes"]:  # the preview with its node (frontends that announce preview metadata)
+        assert set(seen["previewNodes"]) == {str(train)}, seen["previewNodes"]
+    texts = [t["text"] for t in seen["texts"] if str(t["nodeId"]) == str(train)]
+    assert any(f"Saved step {step} as browser_ask-step{step:08d}.safetensors (Save now)." in t for t in texts), texts
+    assert any(f"Preview of step {step}:" in t for t in texts), texts
+    assert any("Validation loss" in t and "(best " in t for t in texts), texts
+    assert "validation loss" in texts[-1] and texts[-1].startswith("Saved "), texts[-1]
 
 
 def test_check_memory_node_shows_the_plan_on_the_node(server):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,6 +44,16 @@ class Server:
         with urllib.request.urlopen(request, timeout=30) as response:
             body = response.read()
         return json.loads(body) if body else None
+
+    def post(self, path: str) -> tuple[int, dict]:
+        """POST an empty JSON body to `path`: the status code and the JSON answer, errors included."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
 
     def run(self, graph: dict, timeout: float = 600) -> dict:
         """Queue an API-format graph and wait for its history entry."""
@@ -191,6 +202,81 @@ def test_interrupt_leaves_a_usable_partial_lora(server):
     assert len(partial) == 1
     assert int(read_lora_file(partial[0])[1]["ss_steps"]) >= 2
     assert not (server.base / "models" / "loras" / "comfy_stop.safetensors").exists()
+
+
+ROUTES = ("/lora_trainer/save_now", "/lora_trainer/sample_now")
+
+
+def test_save_now_and_sample_now_reach_the_running_training(server):
+    """The Train node's routes (what its Save now / Sample now buttons call), also under /api/: 409 while no Train
+    node runs; during a run with a held-out image, a LoRA of the step saved on request into models/loras as
+    NAME-stepN, a preview of the first caption in the run's samples folder, and the validation loss in the node's text."""
+    for route in ROUTES:
+        for path in (route, "/api" + route):
+            status, body = server.post(path)
+            assert status == 409 and "No Train LoRA node is running" in body["error"], (path, status, body)
+
+    # no scheduled saves: the one asked for is the only one (test_save_now_on_a_scheduled_save_step_... has both)
+    graph = _training_graph(server, "comfy_ask", steps=20, advanced="save_every_n_epochs: 0")
+    graph["3"]["inputs"].update(validation_split=0.34, use_best=True)  # 1 of the 4 images held out
+    prompt_id = server.call("/prompt", {"prompt": graph, "client_id": "lora-trainer-tests"})["prompt_id"]
+    answers, deadline = {}, time.time() + 600
+    while time.time() < deadline:  # 409 until the Train node runs: asked as soon as it does
+        status, body = server.post("/lora_trainer/save_now")
+        if status == 200:
+            answers["/lora_trainer/save_now"] = status, body
+            for path in ("/api/lora_trainer/save_now", "/api/lora_trainer/sample_now", "/lora_trainer/sample_now"):
+                answers[path] = server.post(path)
+            break
+        assert status == 409, (status, body)
+        history = server.call(f"/history/{prompt_id}")
+        assert prompt_id not in history, f"the run ended before it was asked: {history[prompt_id]['status']}"
+        time.sleep(0.05)
+    assert all(answer == (200, {"asked": True}) for answer in answers.values()) and len(answers) == 4, answers
+    while prompt_id not in server.call(f"/history/{prompt_id}") and time.time() < deadline:
+        time.sleep(0.5)
+    result = server.call(f"/history/{prompt_id}")[prompt_id]
+    assert result["status"]["status_str"] == "success", result["status"]
+    for path in ("/lora_trainer/save_now", "/api/lora_trainer/sample_now"):
+        assert server.post(path)[0] == 409  # idle again
+
+    loras = server.base / "models" / "loras"
+    asked = list(loras.glob("comfy_ask-step*.safetensors"))
+    assert len(asked) == 1, sorted(p.name for p in loras.iterdir())
+    step = int(asked[0].stem.rsplit("-step", 1)[1])
+    assert asked[0].name == f"comfy_ask-step{step:08d}.safetensors" and 1 <= step < 20
+    assert read_lora_file(asked[0])[1]["ss_steps"] == str(step)
+    samples = server.base / "output" / "lora_trainer" / "comfy_ask" / "samples"
+    previews = sorted(samples.glob("step*.png"))  # no sample_prompts: only the one asked for, of the first caption
+    assert len(previews) == 1 and previews[0].name.startswith(f"step{step:08d}_00"), previews
+    assert Image.open(previews[0]).size == (64, 64)
+
+    report = result["outputs"]["3"]["text"][0]
+    assert report.startswith(f"Saved {loras / 'comfy_ask.safetensors'} (20 steps).")
+    assert "validation loss" in report, report
+    final = read_lora_file(loras / "comfy_ask.safetensors")[1]["ss_steps"]
+    if "use_best: it is the best checkpoint, step" in report:  # the asked-for LoRA was better than the last one
+        assert final == str(step) and "the last step's is comfy_ask-last.safetensors" in report
+        assert read_lora_file(loras / "comfy_ask-last.safetensors")[1]["ss_steps"] == "20"
+    else:
+        assert "The last step is the best one (validation loss" in report and final == "20", report
+        assert not (loras / "comfy_ask-last.safetensors").exists()
+
+
+def test_save_now_on_a_scheduled_save_step_still_lands_in_the_loras_folder(server):
+    """Save now while every step saves on schedule anyway (any click falls on such a step)."""
+    graph = _training_graph(server, "comfy_ask_sched", steps=4, advanced="save_every_n_steps: 1")
+    prompt_id = server.call("/prompt", {"prompt": graph, "client_id": "lora-trainer-tests"})["prompt_id"]
+    deadline = time.time() + 600
+    while server.post("/lora_trainer/save_now")[0] != 200:  # asked as soon as the Train node runs: at its step 1
+        assert prompt_id not in server.call(f"/history/{prompt_id}") and time.time() < deadline, "never asked"
+        time.sleep(0.05)
+    while prompt_id not in server.call(f"/history/{prompt_id}") and time.time() < deadline:
+        time.sleep(0.5)
+    assert server.call(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success"
+    loras = server.base / "models" / "loras"
+    # the save asked for is published although a scheduled one fell on its step (it was once taken for periodic)
+    assert len(list(loras.glob("comfy_ask_sched-step*.safetensors"))) == 1, sorted(os.listdir(loras))
 
 
 def test_requeuing_trains_again_and_the_same_seed_gives_the_same_lora(server):

@@ -198,7 +198,11 @@ def test_the_api_saves_and_samples_on_demand_and_uses_the_best_checkpoint(sd1_ch
                 if event.kind == "progress" and event.step == 2 and "phase" not in event.data:
                     assert client.post("/lora_trainer/save_now").json() == {"asked": True}
                     assert client.post("/lora_trainer/sample_now", json={"prompt": "a red apple"}).status_code == 200
+                elif event.kind == "progress" and event.step == 3 and "phase" not in event.data:
+                    said.append(trainer.job.message)  # the answers stay on the status while the steps go on
             return super().run(config, [*listeners, click], cancel, job_id)
+
+    said: list[str] = []
 
     trainer = Trainer(Host(tmp_path / "loras", tmp_path / "out"))
     app = FastAPI()
@@ -217,6 +221,8 @@ def test_the_api_saves_and_samples_on_demand_and_uses_the_best_checkpoint(sd1_ch
     assert [step for step, _ in status["validation"]] == [0, 2, 4, 8, 12]  # at each save, the one asked for too
     assert status["sample_grid"] == [[2, "a red apple", status["samples"][0]]]
     assert (tmp_path / "loras" / "ink-step00000002.safetensors").is_file()  # Save now, into the LoRA folder
+    assert said == ["Saved step 2 as ink-step00000002.safetensors: use it as `<lora:ink-step00000002:0.8>`. "
+                    "Preview of step 2 rendered: see Samples."]
     best = status["best"]
     assert best["validation_loss"] == min(value for step, value in status["validation"] if step > 0)
     answer = client.post("/lora_trainer/use_best").json()
@@ -244,3 +250,13 @@ def test_a_resumed_run_still_knows_the_validation_losses_of_its_earlier_saves(sd
     recorded = {step: value for step, value, _ in resumed.saved}
     assert recorded[2] == first.saved[0][1] and resumed.best[1] == min(recorded.values())
     assert resumed.best[2].is_file()  # the best one's LoRA was kept, whichever step it is
+
+
+def test_a_save_asked_for_on_a_scheduled_saves_step_is_still_the_one_asked_for(sd1_checkpoint, tmp_path):
+    data = make_dataset(tmp_path / "data", count=2)
+    cancel = CancelToken()
+    ask = lambda e: cancel.ask("save") if e.kind == "progress" and e.step == 2 and "phase" not in e.data else None
+    saved: list = []
+    train_lora(quick_config(sd1_checkpoint, data, tmp_path / "out", max_steps=3, save_every_n_steps=1), cancel=cancel,
+               listeners=[ask, lambda e: saved.append((e.step, e.data["what"])) if e.kind == "saved" else None])
+    assert saved == [(1, "periodic"), (2, "requested"), (3, "final")]  # the host publishes the one asked for

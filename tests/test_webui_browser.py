@@ -3,15 +3,18 @@
 Skipped unless WEBUI_PATH points at an AUTOMATIC1111 checkout (see test_webui_real.py for what the environment
 needs) and Debian's chromium and the playwright package are installed. It proves what only the real page shows:
 the WebUI's saved defaults (ui-config.json, keyed by label), a refused Train keeping its reason, a reloaded page
-showing the running job, the caption grid filled when its tab opens, and Train -> Test -> Train.
+showing the running job, the caption grid filled when its tab opens, Train -> Test -> Train, and Save now /
+Sample now answered during a run while its status streams.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from test_webui_real import FORGE, WEBUI, _blobs, launch_webui, stop_webui
@@ -99,7 +102,7 @@ def test_the_tab_in_the_webui_page(page_server, tmp_path):
         expect(plan).to_contain_text("with gradient_checkpointing: true")
         expect(plan).to_contain_text("No CUDA GPU here")
         page.locator("#lora_trainer_train").click()
-        expect(status).to_contain_text("Step", timeout=300_000)
+        expect(status).to_contain_text(re.compile(r"step \d+/\d+"), timeout=300_000)  # training
         _open_tab(page, url)
         expect(page.locator("#lora_trainer_status").first).to_contain_text("page_lora", timeout=60_000)
         expect(page.locator("#lora_trainer_status").first).not_to_contain_text("No training job yet")
@@ -145,4 +148,93 @@ def test_the_tab_in_the_webui_page(page_server, tmp_path):
         page.screenshot(path=str(tmp_path / "webui_tab.png"), full_page=True)
         browser.close()
     assert rendered_in < 120, rendered_in
+    assert "leaf Variable" not in page_server["log"].read_text()
+
+
+# every text the status box shows, kept in the page: a message that the next streamed status replaces is seen too
+RECORD_STATUS = """() => {
+    window.loraTrainerSeen = [];
+    const box = document.querySelector('#lora_trainer_status');
+    new MutationObserver(() => window.loraTrainerSeen.push(box.textContent))
+        .observe(box, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def _seen(page, *texts: str, timeout: float = 60_000) -> str:
+    """The first status text the page showed (since RECORD_STATUS) holding one of `texts`."""
+    page.wait_for_function("texts => window.loraTrainerSeen.some(seen => texts.some(t => seen.includes(t)))",
+                           arg=list(texts), timeout=timeout)
+    return next(seen for seen in page.evaluate("window.loraTrainerSeen") if any(t in seen for t in texts))
+
+
+def test_save_now_and_sample_now_during_a_run_from_the_tab(page_server, tmp_path):
+    """Save now and Sample now clicked while a run started from the tab trains, and while its status streams (the
+    Train click's and Show progress's): both are answered at once, not when the run ends; the LoRA saved on request
+    lands in the WebUI's Lora folder as NAME-stepN and the preview of the typed prompt shows in the samples grid."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, data, name = page_server["url"], _blobs(tmp_path / "blobs"), "page_on_request"
+    loras = page_server["data_dir"] / "models" / "Lora"
+    prompt = "zkblob, a green square"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                    "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _open_tab(page, url)
+        _set(page, "train_data_dir", str(data))
+        _sub_tab(page, "3. Settings")
+        for key, value in {"output_name": name, "resolution": "64", "batch_size": "2", "max_steps": "400"}.items():
+            _set(page, key, value)
+        # no periodic saves (the tab saves every epoch, here every 2nd step): the LoRA the click asks for is then the
+        # only NAME-stepN
+        page.locator("#lora_trainer_advanced .label-wrap").first.click()
+        _set(page, "save_every_n_epochs", "0")
+        _sub_tab(page, "4. Train")
+        page.locator("#lora_trainer_train").click()
+        status = page.locator("#lora_trainer_status").first
+        expect(status).to_contain_text(re.compile(r"step \d+/\d+"), timeout=300_000)  # training
+        page.locator("#lora_trainer_watch").click()  # a second stream of the status: Show progress
+        page.evaluate(RECORD_STATUS)
+        page.wait_for_timeout(1500)
+        assert _status(url)["running"]
+
+        page.locator("#lora_trainer_save_now").click()
+        said = _seen(page, "Saving after the current step", "Saved step")
+        assert name in said, said
+        asked = _status(url)
+        assert asked["running"], "Save now was answered only when the run had ended"
+        deadline = time.time() + 120
+        while not (requested := sorted(loras.glob(f"{name}-step*.safetensors"))):
+            assert time.time() < deadline and _status(url)["running"], _status(url)
+            time.sleep(0.2)
+        assert _status(url)["running"]  # saved on request between two steps: the run goes on
+        step = int(requested[0].stem.rsplit("-step", 1)[1])
+        assert asked["step"] <= step < 400
+
+        _box(page, "lora_trainer_preview_prompt").fill(prompt)
+        page.locator("#lora_trainer_sample_now").click()
+        _seen(page, "Rendering a preview after the current step", "Preview of step")
+        assert _status(url)["running"], "Sample now was answered only when the run had ended"
+        # the still running stream shows the grid of the preview
+        expect(page.locator("#lora_trainer_samples img").first).to_be_visible(timeout=120_000)
+        grid = _status(url)
+        assert grid["running"], "the samples grid showed only when the run had ended"
+        assert [said for _, said, _ in grid["sample_grid"]] == [prompt], grid["sample_grid"]
+        assert page.locator("#lora_trainer_samples img").first.evaluate("img => img.naturalWidth") > 64
+        page.wait_for_function(  # the stream still runs: it shows the later steps
+            "after => +(document.querySelector('#lora_trainer_status').textContent.match(/step (\\d+)\\/400/) || "
+            "[0, 0])[1] > after", arg=grid["step"], timeout=60_000)
+
+        page.locator("#lora_trainer_interrupt").click()
+        deadline = time.time() + 300
+        while (ended := _status(url))["running"]:
+            assert time.time() < deadline
+            time.sleep(1)
+        assert ended["state"] == "interrupted", ended["message"]
+        assert requested[0].is_file() and Path(ended["lora_file"]) != requested[0]  # the interrupt's is a later step
+        # Use best needs a run that measured validation: the tab says so
+        page.locator("#lora_trainer_make_best").click()
+        expect(status).to_contain_text("measured no validation loss", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "webui_on_request.png"), full_page=True)
+        browser.close()
     assert "leaf Variable" not in page_server["log"].read_text()

@@ -204,6 +204,98 @@ def test_train_render_with_the_lora_and_train_again(webui, tmp_path):
     assert "leaf Variable" not in webui["log"].read_text()
 
 
+def _wait_for_step(url: str, step: int = 1, timeout: float = 600) -> dict:
+    """The status once the job is training at `step` or later (fails if it ends first)."""
+    deadline = time.time() + timeout
+    while True:
+        status = _get(f"{url}/lora_trainer/status")
+        assert status["running"], f"the job ended before step {step}: {status['state']}: {status['message']}"
+        if status["state"] == "training" and status["step"] >= step:
+            return status
+        assert time.time() < deadline, status
+        time.sleep(0.05)
+
+
+def test_save_and_sample_on_request_while_training_then_use_best(webui, tmp_path):
+    """Save now / Sample now asked of a real run through the WebUI's API, between two of its steps: the LoRA saved on
+    request lands in the WebUI's Lora folder as NAME-stepN and renders there; the preview is drawn by the WebUI's own
+    model; validation is measured before the first step and at each save; the best checkpoint is named and Use best
+    makes it NAME (the last NAME-last) when it is not the last step."""
+    url, name, total, periodic = webui["url"], "ondemand", 16, 8
+    loras = webui["data_dir"] / "models" / "Lora"
+    # a large learning rate moves the validation loss enough that the best is not always the last step (which one
+    # it is varies from run to run: the WebUI's VAE draws the cached latents at random)
+    config = {"train_data_dir": str(_blobs(tmp_path / "blobs")), "output_name": name, "resolution": 64,
+              "enable_buckets": False, "batch_size": 2, "max_steps": total, "learning_rate": 5e-2, "lora_rank": 4,
+              "lora_alpha": 4, "save_every_n_epochs": 0, "save_every_n_steps": periodic, "log_every_n_steps": 4,
+              "validation_split": 0.25, "sample_steps": 2}
+    with pytest.raises(urllib.error.HTTPError) as idle:  # nothing to act on yet
+        _post(f"{url}/lora_trainer/save_now", {})
+    assert idle.value.code == 409
+    _post(f"{url}/lora_trainer/train", {"config": config})
+    _wait_for_step(url)
+    prompt = "zkblob, a blue square"
+    assert _post(f"{url}/lora_trainer/save_now", {}) == {"asked": True}
+    assert _post(f"{url}/lora_trainer/sample_now", {"prompt": prompt}) == {"asked": True}
+    deadline = time.time() + 600
+    while (status := _get(f"{url}/lora_trainer/status"))["running"]:
+        assert time.time() < deadline, status
+        time.sleep(0.5)
+    assert status["state"] == "done", status["message"] + "\n" + webui["log"].read_text()[-3000:]
+    assert "held out for validation" in status["data_summary"], status["data_summary"]
+    with pytest.raises(urllib.error.HTTPError) as ended:
+        _post(f"{url}/lora_trainer/sample_now", {"prompt": prompt})
+    assert ended.value.code == 409 and "Nothing is training" in json.load(ended.value)["error"]
+
+    # the LoRA saved on request, in the WebUI's Lora folder as NAME-stepN (the periodic save stays in the outputs)
+    requested = sorted(loras.glob(f"{name}-step*.safetensors"))
+    assert len(requested) == 1, (requested, status["saved"], status["validation"])
+    asked_at = int(requested[0].stem.rsplit("-step", 1)[1])
+    assert 1 <= asked_at < total and asked_at != periodic, asked_at
+    assert any(Path(p).read_bytes() == requested[0].read_bytes() for p in status["saved"]), status["saved"]
+    assert requested[0].stem in [r["name"] for r in _get(f"{url}/lora_trainer/results")]
+
+    # the preview asked for: its prompt, at a step of the run, a file under --data-dir drawn by the WebUI's model
+    previews = [(step, path) for step, said, path in status["sample_grid"] if said == prompt]
+    assert len(previews) == 1, status["sample_grid"]
+    step, path = previews[0]
+    assert 1 <= step < total and Path(path).is_file() and Path(path).is_relative_to(webui["data_dir"]), previews
+    with Image.open(path) as image:
+        assert image.size == (64, 64)
+        assert np.asarray(image.convert("RGB")).std() > 0  # a picture, not a blank
+
+    # validation: before the first step, at the save asked for, the periodic one and the end; the best of the saves
+    measured = dict(status["validation"])
+    assert sorted(measured) == sorted({0, asked_at, periodic, total}), status["validation"]
+    assert all(np.isfinite(value) and value > 0 for value in measured.values()), measured
+    best = status["best"]
+    assert best is not None and best["step"] in (asked_at, periodic, total), best
+    assert best["validation_loss"] == pytest.approx(min(v for s, v in measured.items() if s > 0)), (best, measured)
+    assert measured[best["step"]] == pytest.approx(best["validation_loss"])
+    best_bytes = Path(best["path"]).read_bytes()
+
+    answer = _post(f"{url}/lora_trainer/use_best", {})
+    job = answer["job"]
+    if best["step"] == total:
+        assert answer["message"] == f"The last step ({total}) is the best one: {name}.safetensors stays.", answer
+        assert job["last_file"] is None and not (loras / f"{name}-last.safetensors").exists()
+    else:
+        assert answer["message"].startswith(f"{name}.safetensors is now the LoRA of step {best['step']} "), answer
+        assert answer["message"].endswith(f"the last step's is {name}-last.safetensors."), answer
+        assert Path(job["last_file"]) == loras / f"{name}-last.safetensors" and Path(job["last_file"]).is_file()
+        assert (loras / f"{name}.safetensors").read_bytes() == best_bytes
+        again = _post(f"{url}/lora_trainer/use_best", {})["message"]
+        assert again.startswith(f"{name}.safetensors is already the best LoRA (step {best['step']})"), again
+        assert f"{name}-last" in [r["name"] for r in _get(f"{url}/lora_trainer/results")]
+
+    # the LoRA saved on request renders through the WebUI's own txt2img (its loader found it: its hash is in the info)
+    body = {"prompt": f"zkblob, a red square <lora:{requested[0].stem}:1>", "negative_prompt": "", "seed": 1,
+            "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 7}
+    info = json.loads(_post(f"{url}/sdapi/v1/txt2img", body)["info"])
+    assert f"{requested[0].stem}: " in info["infotexts"][0] and "Lora not found" not in info["infotexts"][0], info
+    assert "leaf Variable" not in webui["log"].read_text()
+
+
 def test_a_typed_name_never_leaves_the_webuis_folders(webui, tmp_path):
     data = _blobs(tmp_path / "blobs")
     outside = tmp_path / "outside"

@@ -381,9 +381,17 @@ def webui_backbone(config: TrainConfig):
     chunks = config.max_token_length // 75
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), devices.autocast():
-            latents = sd_model.get_first_stage_encoding(
-                sd_model.encode_first_stage(pixels.to(devices.device, devices.dtype_vae)))
+        """The VAE's latents as the trainer's own VAE path takes them: the posterior's mean where the WebUI hands a
+        distribution (SD1/SD2), else its draw (SDXL's encoder samples) from a seeded generator, so that two runs on
+        the same images cache the same latents (and validation losses compare across runs); the WebUI's random
+        state is left as it was."""
+        on_gpu = [devices.device] if torch.device(devices.device).type == "cuda" else []
+        with torch.no_grad(), devices.autocast(), torch.random.fork_rng(devices=on_gpu):
+            torch.manual_seed(0)
+            encoded = sd_model.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
+            if hasattr(encoded, "mode"):  # LDM's DiagonalGaussianDistribution
+                encoded = encoded.mode()
+            latents = sd_model.get_first_stage_encoding(encoded)
         return latents.float().clone()  # Forge returns inference tensors
 
     def encode_raw(prompts: list[str]):

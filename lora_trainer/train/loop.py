@@ -236,7 +236,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
                     result.stopped_early = True
                     break
                 if saving or asked:
-                    save("periodic" if saving else "requested")
+                    save("requested" if asked else "periodic")  # asked for: the host publishes it too
                 if sampling and (config.sample_every_n_steps and step % config.sample_every_n_steps == 0 or
                                  not config.sample_every_n_steps and saving) and accelerator.is_main_process:
                     sample(config.sample_prompts)
@@ -401,9 +401,10 @@ class LossLog:
         self.tick, self.paused_for, self.steps = time.time(), 0.0, 0
 
     def watch_speed(self, step: int, total_steps: int, per_step: float) -> None:
-        """The spill warning (see the class); the first stretch (capture, compile, warm caches) sets no pace."""
+        """The spill warning (see the class); the first stretch (capture, compile, warm caches) sets no pace. Only on a
+        CUDA GPU: elsewhere a slower stretch is the machine being busy, not memory spilling."""
         self.stretches += 1
-        if self.stretches == 1:
+        if self.stretches == 1 or self.total.device.type != "cuda":
             return
         if self.best is not None and per_step > SLOWDOWN * self.best and not self.warned:
             self.warned = True
