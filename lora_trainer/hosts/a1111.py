@@ -389,7 +389,7 @@ def webui_backbone(config: TrainConfig):
         with torch.no_grad(), devices.autocast(), torch.random.fork_rng(devices=on_gpu):
             torch.manual_seed(0)
             encoded = sd_model.encode_first_stage(pixels.to(devices.device, devices.dtype_vae))
-            if hasattr(encoded, "mode"):  # LDM's DiagonalGaussianDistribution
+            if not isinstance(encoded, torch.Tensor):  # LDM's DiagonalGaussianDistribution (SDXL's is a tensor)
                 encoded = encoded.mode()
             latents = sd_model.get_first_stage_encoding(encoded)
         return latents.float().clone()  # Forge returns inference tensors
