@@ -221,8 +221,8 @@ def test_the_api_saves_and_samples_on_demand_and_uses_the_best_checkpoint(sd1_ch
     assert [step for step, _ in status["validation"]] == [0, 2, 4, 8, 12]  # at each save, the one asked for too
     assert status["sample_grid"] == [[2, "a red apple", status["samples"][0]]]
     assert (tmp_path / "loras" / "ink-step00000002.safetensors").is_file()  # Save now, into the LoRA folder
-    assert said == ["Saved step 2 as ink-step00000002.safetensors: use it as `<lora:ink-step00000002:0.8>`. "
-                    "Preview of step 2 rendered: see Samples."]
+    assert said == [("Saved step 2 as ink-step00000002.safetensors: use it as `<lora:ink-step00000002:0.8>`. "
+                     "Preview of step 2 rendered: see Samples.")]
     best = status["best"]
     assert best["validation_loss"] == min(value for step, value in status["validation"] if step > 0)
     answer = client.post("/lora_trainer/use_best").json()
