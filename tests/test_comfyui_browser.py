@@ -273,8 +273,9 @@ def test_save_now_and_sample_now_clicked_during_a_run_queued_from_the_frontend(s
         # its training has taken a step: the Train node's progress (ComfyUI's bar under the node)
         page.wait_for_function("(id) => window.loraTrainerSeen.progress.some(p => String(p.node) === String(id))",
                                arg=train, timeout=300_000)
-        labels = [_click_button(page, index) for index in (0, 1)]
+        # the last step the page saw before the clicks: the steps they are answered at come after it
         asked_at = page.evaluate("() => Math.max(...window.loraTrainerSeen.progress.map(p => p.value))")
+        labels = [_click_button(page, index) for index in (0, 1)]
         deadline = time.time() + 600
         while True:
             history = server.call("/history")
