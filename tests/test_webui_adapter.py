@@ -77,8 +77,10 @@ class FakeLDM(torch.nn.Module):
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x).latent_dist
 
-    def get_first_stage_encoding(self, dist):
-        return dist.mean * self.first_stage_model.config.scaling_factor
+    def get_first_stage_encoding(self, encoded):
+        """As LDM's: a distribution is drawn from (its mean here, for repeatable tests), a tensor taken as it is."""
+        z = encoded if isinstance(encoded, torch.Tensor) else encoded.mean
+        return z * self.first_stage_model.config.scaling_factor
 
     def decode_first_stage(self, z):
         return self.first_stage_model.decode(z / self.first_stage_model.config.scaling_factor).sample
