@@ -380,7 +380,7 @@ def test_a_sudden_slowdown_is_reported_once_with_the_levers(monkeypatch):
     events = []
     config = quick_config("m", "d", "o", log_every_n_steps=2)
     log = loop.LossLog(torch.device("cpu"), config, EventBus([events.append]), None, loop.TrainResult(None, "o", 0, 20),
-                       lambda: ["gradient_checkpointing: true"])
+                       lambda: ["gradient_checkpointing: true"], watch_spill=True)  # as on a CUDA GPU
     step = 0
     for seconds, pause in ((30.0, 0), (0.5, 0), (0.4, 0), (0.5, 20.0), (5.0, 0), (5.0, 0)):  # per step, per stretch
         for _ in range(2):
@@ -397,6 +397,8 @@ def test_a_sudden_slowdown_is_reported_once_with_the_levers(monkeypatch):
     job = JobStatus("j", "name")
     Trainer._on_event(None, job, warnings[0])
     assert "Sysmem Fallback" in describe(job)  # the tab's status line and the API's JSON carry it
+    on_cpu = loop.LossLog(torch.device("cpu"), config, EventBus([events.append]), None, loop.TrainResult(None, "o", 0, 20))
+    assert not on_cpu.watch_spill  # a busy CPU is no GPU spilling into system RAM: no such warning there
 
 
 @pytest.mark.slow  # the default run's time budget; CI runs it with -m slow

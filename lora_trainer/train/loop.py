@@ -341,7 +341,7 @@ class LossLog:
     with the `levers` still off."""
 
     def __init__(self, device: torch.device, config: TrainConfig, bus: EventBus, writer, result: TrainResult,
-                 levers: Callable[[], list[str]] = list) -> None:
+                 levers: Callable[[], list[str]] = list, watch_spill: bool | None = None) -> None:
         self.total = torch.zeros((), device=device)
         self.count = 0
         self.steps = 0  # optimizer steps since the last read-back
@@ -350,6 +350,8 @@ class LossLog:
         self.best: float | None = None  # the fastest seconds a step over a stretch so far (the first one left out)
         self.stretches = 0
         self.warned = False
+        # only a CUDA GPU spills (elsewhere a slower stretch is a busy machine); None: as the device says
+        self.watch_spill = device.type == "cuda" if watch_spill is None else watch_spill
         self.window_start = 0  # the step of the last `since_last_call`
         self.config, self.bus, self.writer, self.result, self.levers = config, bus, writer, result, levers
 
@@ -404,7 +406,7 @@ class LossLog:
         """The spill warning (see the class); the first stretch (capture, compile, warm caches) sets no pace. Only on a
         CUDA GPU: elsewhere a slower stretch is the machine being busy, not memory spilling."""
         self.stretches += 1
-        if self.stretches == 1 or self.total.device.type != "cuda":
+        if self.stretches == 1 or not self.watch_spill:
             return
         if self.best is not None and per_step > SLOWDOWN * self.best and not self.warned:
             self.warned = True
