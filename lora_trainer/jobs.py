@@ -223,7 +223,7 @@ class Trainer:
                 job.last_file = str(self.host.publish(Path(result.last_file), f"{job.name}-last"))
             job.lora_file = str(self.host.publish(Path(result.lora_file), name))
             if result.best is not None:
-                job.best = {"step": result.best[0], "validation_loss": result.best[1], "path": str(result.best[2])}
+                job.best = result.best_summary
             job.state = "interrupted" if result.interrupted else "done"
             job.message = (f"Interrupted at step {result.steps} of {result.total_steps}; the LoRA so far is "
                            f"{Path(job.lora_file).name}. " if result.interrupted else

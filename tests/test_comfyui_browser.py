@@ -162,6 +162,17 @@ def _frontend_version() -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _finished_since(server, before: set, timeout: float = 600) -> list:
+    """The history entries of prompts not in `before` once one has completed (empty if none did within `timeout`)."""
+    deadline = time.time() + timeout
+    while True:
+        history = server.call("/history")
+        done = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed") is not None]
+        if done or time.time() > deadline:
+            return done
+        time.sleep(1)
+
+
 def test_example_workflow_runs_from_comfyuis_own_frontend(server):
     _need_browser()
     from playwright.sync_api import sync_playwright
@@ -194,13 +205,7 @@ def test_example_workflow_runs_from_comfyuis_own_frontend(server):
             ["LoraTrainerTrainLora", "max_steps", 2],
             ["EmptyLatentImage", "width", 64], ["EmptyLatentImage", "height", 64],
             ["KSampler", "steps", 2]])
-        deadline = time.time() + 600
-        while True:
-            history = server.call("/history")
-            done = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed") is not None]
-            if done or time.time() > deadline:
-                break
-            time.sleep(1)
+        done = _finished_since(server, before)
         train = page.evaluate("() => app.graph.nodes.find(n => n.type === 'LoraTrainerTrainLora').id")
         shown = _node_text(page, train, "Saved ") if done else ""
         browser.close()
@@ -276,13 +281,7 @@ def test_save_now_and_sample_now_clicked_during_a_run_queued_from_the_frontend(s
         # the last step the page saw before the clicks: the steps they are answered at come after it
         asked_at = page.evaluate("() => Math.max(...window.loraTrainerSeen.progress.map(p => p.value))")
         labels = [_click_button(page, index) for index in (0, 1)]
-        deadline = time.time() + 600
-        while True:
-            history = server.call("/history")
-            done = [v for k, v in history.items() if k not in before and v.get("status", {}).get("completed") is not None]
-            if done or time.time() > deadline:
-                break
-            time.sleep(1)
+        done = _finished_since(server, before)
         page.wait_for_timeout(1000)  # the last messages of the run reach the page
         seen = page.evaluate("() => window.loraTrainerSeen")
         browser.close()

@@ -74,11 +74,12 @@ class DatasetScan:
 
     def summary(self) -> str:
         """A few readable lines: counts, then the first skipped files with their reasons."""
-        steps = sum(item.repeats for item in self.items if not item.held_out)
-        held = sum(item.held_out for item in self.items)
+        training = self.training
+        steps = sum(item.repeats for item in training)
+        held = len(self.items) - len(training)
         lines = [
             (
-                f"{len(self.items) - held} usable images ({steps} per epoch with repeats), "
+                f"{len(training)} usable images ({steps} per epoch with repeats), "
                 + (f"{held} held out for validation, " if held else "")
                 + f"{len(self.skipped)} skipped, {len(self.converted)} converted, "
                 f"{len(self.uncaptioned)} without caption"

@@ -57,6 +57,13 @@ class TrainResult:
     last_file: Path | None = None  # with use_best: the last step's LoRA, when the best one took the LoRA's name
     stopped_early: bool = False  # early_stop ended the run at `steps`, before `total_steps`
 
+    @property
+    def best_summary(self) -> dict | None:
+        """The best LoRA as the 'done' event and the job status tell it: step, validation_loss, path."""
+        if self.best is None:
+            return None
+        return {"step": self.best[0], "validation_loss": self.best[1], "path": str(self.best[2])}
+
 
 def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listener, ...] = (),
                cancel: CancelToken | None = None, backbone=None, resume: str | Path | None = None) -> TrainResult:
@@ -119,7 +126,6 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         for saved_step, value, _ in result.saved:
             if value is not None:
                 watch.add(saved_step, value, None)
-    measured: dict[int, float] = {}  # step -> validation loss, for the LoRA saved at that step
     last_eval: list = [None, {}]  # the step of the last evaluation and its measures
 
     def save(what: str) -> Path | None:
@@ -130,13 +136,13 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         # a Ctrl-C between the batches of one accumulated step resumes at that step's first batch
         done = min(step * accumulation, len(plan))
         epoch = plan[min(done, len(plan) - 1)][0] + (1 if done >= len(plan) else 0)
-        value = measured.get(step)
-        scored = [(s, v) for s, v, _ in result.saved if v is not None] + ([(step, value)] if value is not None else [])
-        best = min(scored, key=lambda entry: entry[1])[0] if scored else None
+        value = dict(result.validation).get(step)  # measured at this very step, for the LoRA saved here
+        best = lowest([*result.saved, (step, value, None)])
         folder, lora_path = checkpoints.save(out_dir, config, backbone, step_fn.optimizer, step_fn.scheduler,
                                              micro=done, step=step, epoch=epoch, kind=what,
                                              meta={**meta, "step": step, "epoch": epoch, "validation_loss": value},
-                                             keep_step=best, validation=[(s, v, str(f)) for s, v, f in result.saved])
+                                             keep_step=best[0] if best else None,
+                                             validation=[(s, v, str(f)) for s, v, f in result.saved])
         outputs = {}
         if what == "final":
             outputs = backbone.export(out_dir / config.output_name, config,
@@ -167,7 +173,6 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         value = values.get("validation_loss")
         message = None
         if value is not None:
-            measured[step] = value
             result.validation.append((step, value))
             if step > 0:
                 message = watch.add(step, value, training_loss)
@@ -257,7 +262,7 @@ def train_lora(config: TrainConfig, *, listeners: list[Listener] | tuple[Listene
         result.lora_file = save("final")
         _name_best(result, config, bus)
     bus.emit("done", step, total_steps, interrupted=False, lora_file=str(result.lora_file),
-             best=_best_event(result), stopped_early=result.stopped_early, **result.metrics)
+             best=result.best_summary, stopped_early=result.stopped_early, **result.metrics)
     return result
 
 
@@ -300,10 +305,9 @@ class Overfitting:
 
 def _name_best(result: TrainResult, config: TrainConfig, bus: EventBus) -> None:
     """The best saved LoRA into the result; with use_best, it becomes NAME.safetensors and the last NAME-last."""
-    scored = [entry for entry in result.saved if entry[1] is not None and entry[2].exists()]
-    if not scored:
+    result.best = lowest([entry for entry in result.saved if entry[2].exists()])
+    if result.best is None:
         return
-    result.best = min(scored, key=lambda entry: entry[1])
     best_step, value, best_file = result.best
     log.info("Best LoRA: step %d, validation loss %.4f (%s)", best_step, value, best_file)
     if not config.use_best or best_file == result.lora_file:
@@ -321,11 +325,10 @@ def _name_best(result: TrainResult, config: TrainConfig, bus: EventBus) -> None:
     bus.emit("saved", result.steps, result.total_steps, path=str(last), what="last")
 
 
-def _best_event(result: TrainResult) -> dict | None:
-    """The best LoRA as the 'done' event tells it."""
-    if result.best is None:
-        return None
-    return {"step": result.best[0], "validation_loss": result.best[1], "path": str(result.best[2])}
+def lowest(saved: list[tuple[int, float | None, Path | None]]) -> tuple[int, float, Path | None] | None:
+    """Of (step, validation loss, LoRA) entries, the one of the lowest loss (the first of equals); None when no entry
+    has one."""
+    return min((entry for entry in saved if entry[1] is not None), key=lambda entry: entry[1], default=None)
 
 
 SLOWDOWN = 3.0  # steps this many times slower than the run's best stretch: the GPU's memory is spilling
